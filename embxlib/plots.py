@@ -1,0 +1,156 @@
+"""Figures of the seed posts from the tidy tables of embxlib.runs.
+
+Every plot function takes an optional `ax` and returns its Figure. Figures are built with
+matplotlib.figure.Figure rather than pyplot, so nothing depends on the active backend and no figure is kept
+alive by pyplot's registry; `save` writes PNG under a name the caller chooses (stable names, e.g. the seeds'
+`val_loss-step-5500-6000.png`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from embxlib.stats import _is_mixing, average_runs
+
+AXIS_LABELS = {"step": "step", "train_time_s": "training time (s)"}
+
+
+def _figure(ax, size=(8, 5)):
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _palette(names) -> dict:
+    names = list(names)
+    return dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
+
+
+def _fit_y(ax, ys, pad: float = 0.05) -> None:
+    # matplotlib scales y to all the data, not to the zoom window: fit it to what is visible
+    ys = np.concatenate([np.asarray(y, dtype=float) for y in ys]) if ys else np.array([])
+    ys = ys[np.isfinite(ys)]
+    if len(ys):
+        lo, hi = ys.min(), ys.max()
+        margin = (hi - lo) * pad or abs(hi) * 1e-3 or 1e-3
+        ax.set_ylim(lo - margin, hi + margin)
+
+
+def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = False, band: str = "std",
+                  target: float | None = None, n_grid: int = 512, ax=None, title: str | None = None) -> Figure:
+    """Validation loss against "step" or "train_time_s", one colour per variant, in the table's order.
+
+    average=False draws every run; average=True draws each variant's mean over its runs on a common grid with a
+    band ("std" or "ci95", see stats.average_runs). xlim zooms in (the y range follows the zoom); target draws
+    a horizontal line at that loss.
+    """
+    fig, ax = _figure(ax)
+    variants = list(pd.unique(df["variant"]))
+    colors = _palette(variants)
+    lo_x, hi_x = xlim if xlim is not None else (-np.inf, np.inf)
+    visible = []
+    if average:
+        grid = np.linspace(*xlim, n_grid) if xlim is not None else None
+        curves = average_runs(df, x=x, grid=grid, n_grid=n_grid, band=band)
+        runs_per_variant = df.groupby("variant", sort=False)["run"].nunique()
+        for variant, curve in curves.groupby("variant", sort=False):
+            n = runs_per_variant[variant]
+            ax.plot(curve[x], curve["mean"], color=colors[variant], label=f"{variant} (mean of {n})" if n > 1
+                    else str(variant))
+            if n > 1:
+                ax.fill_between(curve[x], curve["lo"], curve["hi"], color=colors[variant], alpha=0.2, linewidth=0)
+            inside = curve[(curve[x] >= lo_x) & (curve[x] <= hi_x)]
+            visible += [inside["lo"], inside["hi"], inside["mean"]]
+    else:
+        for variant, group in df.groupby("variant", sort=False):
+            for i, (_, run) in enumerate(group.groupby("run", sort=False)):
+                run = run.sort_values(x, kind="stable")
+                ax.plot(run[x], run["val_loss"], color=colors[variant], linewidth=1,
+                        label=str(variant) if i == 0 else None)
+                visible.append(run.loc[(run[x] >= lo_x) & (run[x] <= hi_x), "val_loss"])
+    if target is not None:
+        ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label=f"target {target}")
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+        _fit_y(ax, visible + ([[target]] if target is not None else []))
+    ax.set_xlabel(AXIS_LABELS.get(x, x))
+    ax.set_ylabel("validation loss")
+    ax.set_title(title or f"validation loss vs {AXIS_LABELS.get(x, x)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_layer_lambdas(final: pd.DataFrame, streams=None, ylabel: str = "lambda", ax=None,
+                       title: str | None = None) -> Figure:
+    """Per-layer values of each stream as grouped bars; with several runs, the mean and ±1 std over runs.
+
+    Takes stats.final_lambdas (default streams: the input mixing x, x00, x01, ...) or stats.mixing_shares.
+    """
+    fig, ax = _figure(ax, size=(10, 5))
+    if streams is None:
+        streams = sorted((s for s in pd.unique(final["stream"]) if _is_mixing(s)), key=lambda s: (s != "x", s))
+    data = final[final["stream"].isin(list(streams))]
+    n_runs = data["run"].nunique()
+    sns.barplot(data=data, x="layer", y="value", hue="stream", hue_order=list(streams),
+                errorbar="sd" if n_runs > 1 else None, ax=ax)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or (f"{ylabel} per layer, mean of {n_runs} runs" if n_runs > 1 else f"{ylabel} per layer"))
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_lambda_trajectories(lam: pd.DataFrame, stream: str, ax=None, title: str | None = None) -> Figure:
+    """One stream's lambda at every layer over training (mean over the table's runs), one line per layer."""
+    fig, ax = _figure(ax)
+    data = lam[lam["stream"] == stream]
+    mean = data.groupby(["layer", "step"])["value"].mean().unstack("layer")
+    layers = list(mean.columns)
+    cmap = mpl.colormaps["viridis"]
+    norm = mpl.colors.Normalize(vmin=min(layers, default=0), vmax=max(layers, default=1))
+    for layer in layers:
+        ax.plot(mean.index, mean[layer], color=cmap(norm(layer)), linewidth=1.2)
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="layer")
+    n_runs = data["run"].nunique()
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{stream} lambda")
+    ax.set_title(title or f"{stream} lambdas over training" + (f", mean of {n_runs} runs" if n_runs > 1 else ""))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing
+
+
+def save(fig: Figure, path) -> Path:
+    """Write fig as PNG at path (folders created, `.png` added when there is no suffix); returns the path."""
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # no "Software" stamp: the same figure gives the same bytes across matplotlib versions' metadata
+    fig.savefig(path, format="png", dpi=120, metadata={"Software": None})
+    return path
+
+
+def save_table(table, path) -> Path:
+    """Write a DataFrame as markdown at path and as CSV beside it, or a ready string as is; returns the path."""
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(table, str):
+        path.write_text(table if table.endswith("\n") else table + "\n", encoding="utf-8")
+    else:
+        path.write_text(table.to_markdown(index=False) + "\n", encoding="utf-8")
+        table.to_csv(path.with_suffix(".csv"), index=False)
+    return path

@@ -113,7 +113,9 @@ def _parse_text(text: str, source: str, sections: bool, default_name: str) -> li
                     current = _Run(base)
                     runs.append(current)
                 current.lambdas.extend(lambdas)
-        except (KeyError, ValueError) as exc:
+        except KeyError as exc:
+            _warn(f"{source}:{lineno}: skipped malformed line (no {exc.args[0]} field): {line[:80]!r}")
+        except ValueError as exc:
             _warn(f"{source}:{lineno}: skipped malformed line ({exc!s:.60}): {line[:80]!r}")
     return runs
 
@@ -143,7 +145,8 @@ def _frames(runs: list[_Run], names: list[str], variants: list[str], source: str
             "source": source,
         },
         columns=VAL_COLUMNS,
-    ).astype({"step": "int64", "train_time_s": "float64", "val_loss": "float64"})
+    ).astype({"run": "str", "variant": "str", "step": "int64", "train_time_s": "float64", "val_loss": "float64",
+              "source": "str"})
     if not with_lambdas:
         return vals, None
     records = [(name, variant, *rec) for run, name, variant in zip(runs, names, variants) for rec in run.lambdas]
@@ -169,7 +172,8 @@ def _lambda_frame(records: list[tuple[str, str, int, str, list[float]]], source:
         },
         columns=LAMBDA_COLUMNS,
     )
-    return frame.astype({"step": "int64", "layer": "int64", "value": "float64"})
+    return frame.astype({"run": "str", "variant": "str", "step": "int64", "stream": "str", "layer": "int64",
+                         "value": "float64", "source": "str"})
 
 
 def _read_text(path: Path) -> str:
@@ -302,7 +306,7 @@ def _load(paths, with_lambdas: bool):
             vals.append(v)
         if lam is not None and not lam.empty:
             lambdas.append(lam)
-    val_table = _disambiguate(pd.concat(vals, ignore_index=True) if vals else pd.DataFrame(columns=VAL_COLUMNS))
+    val_table = _disambiguate(pd.concat(vals, ignore_index=True) if vals else _frames([], [], [], "", False)[0])
     if not with_lambdas:
         return val_table, None
     lam_table = pd.concat(lambdas, ignore_index=True) if lambdas else _lambda_frame([], "")

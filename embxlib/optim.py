@@ -1,0 +1,136 @@
+"""Optimisers and schedules of the x01 record: Muon for the block matrices, Adam for everything else.
+
+Muon's work is split across ranks as upstream: parameters of one shape are taken in chunks of world_size,
+rank r orthogonalises the r-th of each chunk and an all_gather hands the results to everyone. Every rank
+keeps every momentum buffer (cheap, elementwise), so rank 0's state alone is a complete checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import Config
+
+# Five quintic Newton-Schulz iterations, each with its own coefficients (upstream, 34f5696a)
+NS_COEFFICIENTS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+
+def orthogonalize(G: Tensor, coefficients=NS_COEFFICIENTS, eps: float = 1e-7, dtype=torch.bfloat16) -> Tensor:
+    """Approximate U V^T of G = U S V^T for the last two dims (leading dims are a batch, e.g. q/k/v/o)."""
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then orthogonalise, then a step scaled by sqrt(max(1, rows/cols)).
+    Groups may set `wd_mul` (upstream: 2 on the MLP). lr is multiplied by the schedule from outside."""
+
+    def __init__(self, params, lr=0.025, momentum=0.95, weight_decay=0.01, coefficients=NS_COEFFICIENTS,
+                 eps=1e-7, ns_dtype=torch.bfloat16, rank=0, world_size=1):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, wd_mul=1.0)
+        super().__init__(params, defaults)
+        self.coefficients, self.eps, self.ns_dtype = coefficients, eps, ns_dtype
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        by_shape: dict[tuple, list] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                by_shape.setdefault(tuple(p.shape), []).append((p, group))
+        for shape, items in sorted(by_shape.items(), key=lambda kv: -torch.Size(kv[0]).numel()):
+            for base in range(0, len(items), self.world_size):
+                chunk = items[base: base + self.world_size]
+                for j, (p, group) in enumerate(chunk):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    buf, m = state["momentum_buffer"], group["momentum"]
+                    buf.lerp_(p.grad.float(), 1 - m)
+                    if j != self.rank:
+                        continue
+                    update = orthogonalize(torch.lerp(p.grad.float(), buf, m), self.coefficients, self.eps, self.ns_dtype)
+                    rows, cols = p.shape[-2:]
+                    p.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
+                    p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, rows / cols) ** 0.5)
+                if self.world_size > 1:
+                    mine = chunk[self.rank][0] if self.rank < len(chunk) else torch.empty(shape, dtype=chunk[0][0].dtype,
+                                                                                          device=chunk[0][0].device)
+                    outs = [p for p, _ in chunk] + [torch.empty_like(mine) for _ in range(self.world_size - len(chunk))]
+                    dist.all_gather(outs, mine.contiguous())
+
+
+# --- building the optimisers --------------------------------------------------------------------
+
+def adam_groups(model, cfg: Config) -> list[dict]:
+    """Upstream's Adam groups: LM head, embeddings (input, extra, value), scalars; plus per-token lambdas."""
+    embeds = [model.embed.weight] + ([model.value_embed.weight] if model.value_embed is not None else [])
+    groups = [dict(params=[model.lm_head_w], lr=cfg.head_lr, name="head"),
+              dict(params=embeds, lr=cfg.embed_lr, name="embed"),
+              dict(params=[model.scalars], lr=cfg.scalar_lr, name="scalars")]
+    if model.token_lambda is not None:
+        groups.append(dict(params=[model.token_lambda.weight], lr=cfg.token_lambda_lr, name="token_lambdas"))
+    return groups
+
+
+def muon_groups(model, cfg: Config) -> list[dict]:
+    attn = [b.attn.qkvo_w for b in model.blocks if b.attn is not None]
+    mlp = [w for b in model.blocks for w in (b.mlp.fc_w, b.mlp.proj_w)]
+    return [dict(params=attn, name="attn"), dict(params=mlp, wd_mul=2.0, name="mlp")]
+
+
+def build_optimizers(model, cfg: Config, rank: int = 0, world_size: int = 1):
+    adam_kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=0.0)
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        adam_kw["fused"] = True
+    adam = torch.optim.AdamW(adam_groups(model, cfg), **adam_kw)
+    # bf16 Newton-Schulz as upstream on GPUs; CPUs without bf16 matrix units run it ~100x slower than fp32
+    muon = Muon(muon_groups(model, cfg), lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                weight_decay=cfg.muon_weight_decay, ns_dtype=torch.bfloat16 if cuda else torch.float32,
+                rank=rank, world_size=world_size)
+    covered = {id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    assert not missing, f"parameters in no optimizer: {missing}"
+    for opt in (adam, muon):
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    return adam, muon
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+def lr_multiplier(step: int, cfg: Config) -> float:
+    """1 until the cooldown starts, then linear to 0 at num_iterations (no warm-up), as upstream."""
+    x = step / cfg.num_iterations
+    if cfg.cooldown_frac == 0 or x < 1 - cfg.cooldown_frac:
+        return 1.0
+    return max(0.0, (1 - x) / cfg.cooldown_frac)
+
+
+def muon_momentum(step: int, cfg: Config) -> float:
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1) if cfg.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+
+
+def apply_schedules(step: int, cfg: Config, adam, muon) -> None:
+    mult = lr_multiplier(step, cfg)
+    for opt in (adam, muon):
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * mult
+    for g in muon.param_groups:
+        g["momentum"] = muon_momentum(step, cfg)

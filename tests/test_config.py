@@ -1,0 +1,121 @@
+"""Config: presets hold the upstream numbers, every field has a CLI flag, bad values fail fast and say which field."""
+import subprocess
+from dataclasses import fields
+
+import pytest
+
+from embxlib.config import Config, coerce, field_help, medium, medium_x01, tiny
+from embxlib.model import count_params
+from embxlib.train import build_parser, parse
+from conftest import PYTHON, python_env
+
+V, D, HEAD = 50257, 1024, 50304
+
+
+def upstream_params(value_tables: int, input_tables: int, scalars: int) -> int:
+    """The reference's derivation: embeddings + value embeddings + padded head + 15 attention + 16 MLP layers."""
+    return (input_tables + value_tables) * V * D + HEAD * D + 15 * 4 * D * D + 16 * 2 * 4096 * D + scalars
+
+
+def test_medium_is_record8():
+    c = medium()
+    assert (c.num_layers, c.model_dim, c.num_heads, c.head_dim, c.no_attn_layers) == (16, 1024, 8, 128, (7,))
+    assert c.num_iterations == 5960 and c.train_batch_tokens == 524_288 and c.val_tokens == 10_485_760
+    assert c.ve_map() == [0, 1, 2] + [None] * 10 + [0, 1, 2]
+    assert c.skip_pairs == [(9, 6), (10, 4), (11, 2)]
+    assert count_params(c) == upstream_params(3, 1, 80)
+
+
+def test_medium_x01_parameter_count():
+    c = medium_x01()
+    assert c.num_iterations == 5690 and c.extra_embeds == 1 and c.value_embeds == 5
+    assert c.ve_map() == [0, 1, 2, 3, 4] + [None] * 6 + [0, 1, 2, 3, 4]
+    assert count_params(c) == 608_885_856 == upstream_params(5, 2, 96)
+
+
+def test_every_field_has_a_flag_and_help():
+    ap = build_parser()
+    flags = {s for a in ap._actions for s in a.option_strings}
+    helps = field_help()
+    for f in fields(Config):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+        assert helps.get(f.name), f"field {f.name} has no one-line comment"
+
+
+def test_flags_override_preset(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args, cfg = parse(["--preset", "medium", "--extra-embeds", "3", "--ve-remove", "0,13", "--no-compile"])
+    assert cfg.extra_embeds == 3 and cfg.ve_remove == (0, 13) and cfg.compile is False and cfg.num_layers == 16
+    assert cfg.name == "x03-ve3-rm0-13"
+    assert Config.from_dict(cfg.to_dict()) == cfg  # JSON round trip
+
+
+@pytest.mark.parametrize("variant, expected", [
+    # seed 004 / reference section 6 (00003 run numbers)
+    (dict(ve_remove=(0,)), [None, 1, 2] + [None] * 10 + [0, 1, 2]),  # 0: the table of layer 0 stays on 13
+    (dict(ve_remove=(0, 1, 2)), [None] * 13 + [0, 1, 2]),  # 7
+    (dict(ve_remove=(0, 13)), [None, 0, 1] + [None] * 11 + [0, 1]),  # 8: a whole table dropped
+    (dict(value_embeds=4, ve_layers=(0, 1, 2) + (-1,) * 9 + (0, 1, 2, 3)), [0, 1, 2] + [None] * 9 + [0, 1, 2, 3]),  # 14
+    (dict(value_embeds=4), [0, 1, 2, 3] + [None] * 8 + [0, 1, 2, 3]),  # 15
+    (dict(value_embeds=8), [0, 1, 2, 3, 4, 5, 6, None, 0, 1, 2, 3, 4, 5, 6, 7]),  # 19: layer 7 has no attention
+    (dict(ve_shift=1), [None, 0, 1, 2] + [None] * 9 + [0, 1, 2]),  # 20
+    (dict(ve_shift=2), [None, None, 0, 1, 2] + [None] * 8 + [0, 1, 2]),  # 21
+    (dict(value_embeds=2, ve_layout="adjacent", ve_span=3), [0, 0, 0] + [None] * 10 + [1, 1, 1]),  # 11
+    (dict(value_embeds=2, ve_layout="adjacent", ve_span=2), [0, 0] + [None] * 12 + [1, 1]),  # 12
+    (dict(ve_layout="mirrored"), [0, 1, 2] + [None] * 10 + [2, 1, 0]),  # 27
+    (dict(value_embeds=5, ve_layout="mirrored"), [0, 1, 2, 3, 4] + [None] * 6 + [4, 3, 2, 1, 0]),  # 28
+])
+def test_value_embedding_variants(variant, expected):
+    c = medium(**variant).validate()
+    assert c.ve_map() == expected
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--extra-embeds", "-1"], "extra_embeds"),
+    (["--value-embeds", "4"], "value_embeds"),  # tiny has 6 layers: at most 3 tables on two layers each
+    (["--ve-remove", "6"], "ve_remove"),
+    (["--token-lambdas", "x03"], "token_lambdas"),
+    (["--ve-layout", "diagonal"], "ve_layout"),
+    (["--preset", "huge"], "preset"),
+])
+def test_invalid_settings_exit_before_training(flags, field, tmp_path):
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", *flags, "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=python_env(), timeout=60)
+    assert r.returncode == 2
+    assert field in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_flag_is_an_error(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", "--extra-embedz", "2"], capture_output=True, text=True,
+                       env=python_env(), timeout=60)
+    assert r.returncode == 2 and "--extra-embedz" in r.stderr
+
+
+def test_world_size_must_fit_the_global_batch():
+    with pytest.raises(ValueError, match="train_batch_tokens=524288.*world_size=3"):
+        medium().validate(world_size=3)
+    assert medium().grad_accum_steps(1) == 8 and medium().grad_accum_steps(8) == 1
+
+
+def test_dry_run_prints_resolved_config():
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", "--preset", "medium_x01", "--dry-run"], capture_output=True,
+                       text=True, env=python_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "parameters: 608,885,856" in r.stdout and "tokens per step: 524,288" in r.stdout
+    assert '"extra_embeds": 1' in r.stdout
+
+
+def test_coerce_names_the_parameter():
+    assert coerce("extra_embeds", 3) == 3 and coerce("ve_remove", "0,13") == (0, 13) and coerce("compile", "false") is False
+    with pytest.raises(ValueError, match="extra_embeds='three'"):
+        coerce("extra_embeds", "three")
+    with pytest.raises(ValueError, match="unknown config field"):
+        coerce("extra_embedz", 1)
+
+
+def test_tiny_keeps_the_medium_structure():
+    c = tiny().validate(1)
+    assert c.no_attn_layers and c.skip_pairs and c.value_embeds >= 2
+    ve = c.ve_map()
+    assert ve[0] is not None and ve[-1] is not None and ve[0] == ve[c.num_layers - c.value_embeds]

@@ -24,15 +24,17 @@ NS_COEFFICIENTS = (
 
 def orthogonalize(G: Tensor, coefficients=NS_COEFFICIENTS, eps: float = 1e-7, dtype=torch.bfloat16) -> Tensor:
     """Approximate U V^T of G = U S V^T for the last two dims (leading dims are a batch, e.g. q/k/v/o)."""
-    X = G.to(dtype)
+    shape = G.shape
+    X = G.to(dtype).reshape(-1, *shape[-2:])
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm = 1
     for a, b, c in coefficients:
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, fused
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    return (X.mT if tall else X).reshape(shape)
 
 
 class Muon(torch.optim.Optimizer):

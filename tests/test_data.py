@@ -1,0 +1,100 @@
+"""Data: shard format, offline tokenizer, the bundled corpus, the distributed stream, the FineWeb downloader."""
+import numpy as np
+import pytest
+
+from embxlib.config import EOT_TOKEN
+from embxlib.data import (HEADER_INTS, MAGIC, ShardError, TokenStream, build_corpus, download_fineweb,
+                          fineweb_filenames, read_shard, sha256, tokenizer, write_shard)
+
+
+def test_shard_round_trip(tmp_path):
+    toks = np.array([EOT_TOKEN, 1, 2, 65535, 0], dtype=np.uint16)
+    write_shard(tmp_path / "a.bin", toks)
+    raw = np.fromfile(tmp_path / "a.bin", dtype=np.int32, count=3)
+    assert list(raw) == [MAGIC, 1, 5]  # the upstream header, by hand
+    assert (tmp_path / "a.bin").stat().st_size == HEADER_INTS * 4 + 2 * 5
+    assert np.array_equal(read_shard(tmp_path / "a.bin"), toks)
+
+
+@pytest.mark.parametrize("field, value, message", [(0, 1234, "magic number 1234"), (1, 7, "version 7"),
+                                                    (2, 99, "header says 99 tokens")])
+def test_bad_shards_name_the_file(tmp_path, field, value, message):
+    p = tmp_path / "bad.bin"
+    write_shard(p, np.arange(10))
+    header = np.fromfile(p, dtype=np.int32, count=HEADER_INTS)
+    header[field] = value
+    data = p.read_bytes()
+    p.write_bytes(header.tobytes() + data[HEADER_INTS * 4:])
+    with pytest.raises(ShardError, match=f"bad.bin.*{message}"):
+        read_shard(p)
+
+
+def test_truncated_shard(tmp_path):
+    p = tmp_path / "short.bin"
+    p.write_bytes(b"\0" * 100)
+    with pytest.raises(ShardError, match="short.bin"):
+        read_shard(p)
+
+
+def test_tokenizer_is_gpt2_offline():
+    enc = tokenizer()
+    assert enc.encode("Hello world") == [15496, 995]  # published GPT-2 ids
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT_TOKEN]
+    assert enc.n_vocab == 50257
+
+
+def test_corpus_is_reproducible_and_real(corpus, tmp_path):
+    info = build_corpus(tmp_path / "again")
+    for f in sorted(corpus.glob("*.bin")):
+        assert sha256(f) == sha256(tmp_path / "again" / f.name), f.name
+    assert info["train"]["tokens"] > 1_000_000 and info["val"]["tokens"] > 50_000
+    val = read_shard(corpus / "shakespeare_val_000000.bin")
+    text = tokenizer().decode(val[:2000].tolist())
+    assert val[0] == EOT_TOKEN and ("Twelfth Night" in text or "Macbeth" in text)
+
+
+def test_stream_splits_the_same_tokens_across_ranks(tmp_path):
+    toks = np.arange(1000) % 50000
+    write_shard(tmp_path / "x_train_000000.bin", toks)
+    files = [str(tmp_path / "x_train_000000.bin")]
+    one = TokenStream(files, 16)
+    a1, b1 = one.next(), one.next()  # one process, two micro-steps
+    r0, r1 = TokenStream(files, 16, 0, 2).next(), TokenStream(files, 16, 1, 2).next()  # two ranks, one step
+    for (x, y), (u, v) in [(a1, r0), (b1, r1)]:
+        assert x.tolist() == u.tolist() and y.tolist() == v.tolist()
+    assert a1[0][0, 1:].tolist() == a1[1][0, :-1].tolist()  # targets are inputs shifted by one
+
+
+def test_stream_wraps_and_restores(tmp_path):
+    write_shard(tmp_path / "x_train_000000.bin", np.arange(100))
+    files = [str(tmp_path / "x_train_000000.bin")]
+    s = TokenStream(files, 30)
+    seen = [s.next()[0][0, 0].item() for _ in range(5)]
+    assert seen == [0, 30, 60, 0, 30] and s.epoch == 1
+    t = TokenStream(files, 30)
+    t.load_state_dict(s.state_dict())
+    assert t.next()[0].tolist() == s.next()[0].tolist()
+
+
+def test_fineweb_download_from_a_hub_like_folder(tmp_path):
+    """The hub's dataset repo is a flat folder of shards; a local copy of that layout stands in for the network."""
+    hub = tmp_path / "hub" / "kjj0" / "fineweb10B-gpt2"
+    hub.mkdir(parents=True)
+    for name in fineweb_filenames(3):
+        write_shard(hub / name, np.arange(50) + len(name))
+    calls = []
+
+    def fetch(repo_id, filename, local_dir):
+        calls.append(filename)
+        return str(tmp_path / "hub" / repo_id / filename)
+
+    out = tmp_path / "data" / "fineweb10B"
+    paths = download_fineweb(2, out, fetch=fetch)
+    assert [p.name for p in paths] == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert calls == [p.name for p in paths]
+    (out / "fineweb_train_000002.bin").write_bytes(b"broken")  # an interrupted download
+    calls.clear()
+    download_fineweb(3, out, fetch=fetch)
+    assert calls == ["fineweb_train_000002.bin", "fineweb_train_000003.bin"]  # valid files are kept
+    with pytest.raises(ValueError, match="num_chunks=-1"):
+        download_fineweb(-1, out, fetch=fetch)

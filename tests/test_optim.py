@@ -1,0 +1,87 @@
+"""Optimisers against independent references: torch.optim.Muon and torch.optim.AdamW; schedules by hand."""
+import pytest
+import torch
+
+from embxlib.config import tiny
+from embxlib.model import GPT
+from embxlib.optim import (NS_COEFFICIENTS, Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum,
+                           orthogonalize)
+
+TORCH_NS = ((3.4445, -4.7750, 2.0315),) * 5  # torch.optim.Muon's fixed coefficients, 5 steps
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_muon_matches_torch_muon(shape):
+    torch.manual_seed(0)
+    w0 = torch.randn(shape)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ref = torch.optim.Muon([a], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01,
+                           ns_coefficients=TORCH_NS[0], ns_steps=5, eps=1e-7, adjust_lr_fn="original")
+    ours = Muon([b], lr=0.02, momentum=0.95, weight_decay=0.01, coefficients=TORCH_NS, eps=1e-7,
+                ns_dtype=torch.bfloat16)
+    for step in range(4):
+        g = torch.randn(shape)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+        # same bf16 Newton-Schulz with the same fused ops: equal to float rounding of the final step
+        torch.testing.assert_close(b.data, a.data, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(b.data, w0, atol=1e-3)
+
+
+def test_orthogonalize_makes_singular_values_near_one():
+    torch.manual_seed(0)
+    G = torch.randn(3, 128, 64)  # batched, as the q/k/v/o tensor is
+    X = orthogonalize(G, NS_COEFFICIENTS, dtype=torch.float32)
+    s = torch.linalg.svdvals(X)
+    assert X.shape == G.shape and s.min() > 0.5 and s.max() < 1.3  # upstream's quintic trades accuracy for speed
+
+
+def test_adam_groups_match_hand_built_adamw():
+    """Our groups (names, lrs, betas, eps) and the lr schedule reproduce a hand-built AdamW with upstream numbers."""
+    cfg = tiny(num_iterations=10, extra_embeds=1, token_lambdas="x01")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    adam, _ = build_optimizers(model, cfg)
+    names = {g["name"]: g for g in adam.param_groups}
+    assert names["head"]["lr"] == 1 / 320 and names["embed"]["lr"] == 0.3 and names["scalars"]["lr"] == 0.015
+    assert adam.defaults["betas"] == (0.8, 0.95) and adam.defaults["eps"] == 1e-10
+    clones = {n: torch.nn.Parameter(p.detach().clone()) for n, p in model.named_parameters()}
+    ref = torch.optim.AdamW([
+        dict(params=[clones["lm_head_w"]], lr=1 / 320),
+        dict(params=[clones["embed.weight"], clones["value_embed.weight"]], lr=0.3),
+        dict(params=[clones["scalars"]], lr=0.015),
+        dict(params=[clones["token_lambda.weight"]], lr=0.3)], betas=(0.8, 0.95), eps=1e-10, weight_decay=0)
+    adam_params = {id(p) for g in adam.param_groups for p in g["params"]}
+    for step in range(6):  # steps 3.. are in the cooldown
+        for n, p in model.named_parameters():
+            if id(p) in adam_params:
+                g = torch.randn_like(p)
+                p.grad, clones[n].grad = g, g.clone()
+        apply_schedules(step, cfg, adam, _)
+        for group in ref.param_groups:
+            group["lr"] = group.setdefault("base", group["lr"]) * (1.0 if step < 3 else (10 - step) / 10 / 0.7)
+        adam.step()
+        ref.step()
+    for n, p in model.named_parameters():
+        if id(p) in adam_params:
+            torch.testing.assert_close(p.data, clones[n].data, msg=n)
+
+
+def test_every_parameter_has_exactly_one_optimizer():
+    model = GPT(tiny(extra_embeds=2, token_lambdas="x00"))
+    adam, muon = build_optimizers(model, model.cfg)
+    ids = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.ndim >= 2 for g in muon.param_groups for p in g["params"])
+    assert {g["name"]: g["wd_mul"] for g in muon.param_groups} == {"attn": 1.0, "mlp": 2.0}
+
+
+def test_schedules_by_hand():
+    cfg = tiny(num_iterations=1000, cooldown_frac=0.7, muon_momentum_warmup_steps=300)
+    assert lr_multiplier(0, cfg) == 1.0 and lr_multiplier(299, cfg) == 1.0
+    assert lr_multiplier(300, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(650, cfg) == pytest.approx(0.35 / 0.7)
+    assert lr_multiplier(1000, cfg) == 0.0
+    assert muon_momentum(0, cfg) == 0.85 and muon_momentum(150, cfg) == pytest.approx(0.90)
+    assert muon_momentum(300, cfg) == muon_momentum(5000, cfg) == 0.95

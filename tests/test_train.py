@@ -1,0 +1,120 @@
+"""Training end to end on CPU: every variant trains, losses fall, torchrun agrees with one process, resume is exact,
+failures keep their logs. Real processes, real corpus, real log files."""
+import json
+import math
+import re
+import subprocess
+
+import pytest
+
+from embxlib import train
+from conftest import PYTHON, python_env
+
+pytestmark = pytest.mark.slow
+VAL = re.compile(r"^step:(\d+)/(\d+) val_loss:([\d.na]+) train_time:(\d+)ms", re.M)
+
+
+def val_losses(run_dir) -> dict[int, float]:
+    return {int(m[1]): float(m[3]) for m in VAL.finditer((run_dir / "log.txt").read_text())}
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--extra-embeds", "3"],
+    ["--value-embeds", "3"],
+    ["--value-embeds", "1"],
+    ["--ve-layout", "mirrored"],
+    ["--ve-layout", "adjacent", "--ve-span", "1", "--value-embeds", "3"],
+    ["--ve-shift", "1", "--value-embeds", "1"],
+    ["--ve-remove", "1"],
+    ["--ve-layers", "0,-1,-1,-1,0,1"],
+    ["--token-lambdas", "x00"],
+    ["--extra-embeds", "2", "--token-lambdas", "x02", "--value-embeds", "3", "--ve-remove", "0", "--seed", "3"],
+], ids=lambda f: " ".join(f))
+def test_every_variant_trains(fast_args, tmp_path, flags):
+    run = tmp_path / "run"
+    train.main(fast_args(run, "--num-iterations", "2", *flags))
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "finished" and math.isfinite(summary["final_val_loss"])
+    cfg = read_json(run / "config.json")
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [0, 2]
+    lam = recs[-1]["lambdas"]
+    assert set(lam) >= {"x", "v", "ve", "skip"} | {f"x0{k}" for k in range(cfg["extra_embeds"] + 1)}
+    assert len(recs[-1]["norms"]) == cfg["num_layers"] and all(n > 0 for n in recs[-1]["norms"])
+    assert lam["x01" if cfg["extra_embeds"] else "x00"] != [0.0] * 6  # the new lambdas move off their init
+    assert val_losses(run)[2] == pytest.approx(summary["final_val_loss"], abs=1e-6)
+    assert (run / "checkpoint.pt").exists()
+
+
+def test_validation_loss_falls_over_50_steps(fast_args, tmp_path):
+    run = tmp_path / "run"
+    train.main(fast_args(run, "--num-iterations", "50", "--val-loss-every", "25"))
+    v = val_losses(run)
+    assert v[0] == pytest.approx(math.log(50304), abs=0.01)  # zero-init head: uniform over the padded vocab
+    assert v[0] > v[25] > v[50] and v[50] < v[0] - 2.5
+    summary = read_json(run / "summary.json")
+    assert summary["tokens_per_s"] > 0 and summary["num_params"] == 26_851_742
+
+
+def test_torchrun_two_processes_match_one(fast_args, tmp_path):
+    """Same global batch: 1 process x 2 accumulation steps vs 2 gloo ranks x 1."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(fast_args(one))
+    r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # = torchrun
+                        "-m", "embxlib.train", *fast_args(two)], capture_output=True, text=True, env=python_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_json(two / "summary.json")["world_size"] == 2
+    assert read_json(two / "summary.json")["grad_accum_steps"] == 1
+    a, b = val_losses(one), val_losses(two)
+    assert a.keys() == b.keys() == {0, 2, 4}
+    for s in a:
+        assert b[s] == pytest.approx(a[s], abs=2e-4), s
+    assert a[4] < a[0]
+
+
+def test_killed_run_resumes_to_the_same_loss(fast_args, tmp_path):
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train.main(fast_args(full, "--num-iterations", "6", "--save-every", "2"))
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        train.main(fast_args(crashed, "--num-iterations", "6", "--save-every", "2", "--fail-at-step", "3"))
+    assert read_json(crashed / "summary.json")["status"] == "failed"
+    assert "FAILED" in (crashed / "log.txt").read_text() and "step:3/6 train_loss" in (crashed / "log.txt").read_text()
+    train.main(["--resume", str(crashed)])
+    assert read_json(crashed / "summary.json")["status"] == "finished"
+    a, b = val_losses(full), val_losses(crashed)
+    assert b[6] == pytest.approx(a[6], abs=1e-6)
+    assert [r["step"] for r in metrics(crashed)] == [0, 2, 4, 6]  # each validation once
+
+
+def test_non_finite_loss_stops_and_keeps_logs(fast_args, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train.main(fast_args(run, "--scalar-lr", "1e30"))
+    s = read_json(run / "summary.json")
+    assert s["status"] == "failed" and "non-finite" in s["error"]
+    assert val_losses(run)[0] == pytest.approx(math.log(50304), abs=0.01)  # the log up to the failure is there
+
+
+def test_run_folder_is_never_overwritten(fast_args, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.txt").write_text("precious\n")
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", *fast_args(run)], capture_output=True, text=True,
+                       env=python_env(), timeout=120)
+    assert r.returncode == 2 and "never overwritten" in r.stderr
+    assert (run / "log.txt").read_text() == "precious\n"
+
+
+def test_resume_refuses_config_flags(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", "--resume", str(tmp_path), "--extra-embeds", "2"],
+                       capture_output=True, text=True, env=python_env(), timeout=120)
+    assert r.returncode == 2 and "--extra-embeds" in r.stderr

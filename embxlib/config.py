@@ -34,7 +34,7 @@ class Config:
     mlp_dim: int = 512  # hidden width of the ReLU^2 MLP (upstream 4 * model_dim)
     no_attn_layers: tuple[int, ...] = (2,)  # layers whose block has an MLP only (upstream: layer 7)
     skip_map: tuple[int, ...] = (3, 1, 4, 0)  # U-net skips as flat dest,src pairs: output of src is added before dest
-    window_pattern: str = "LSLSSL"  # per-layer attention window, L(ong) or S(hort = long // 2)
+    window_pattern: str = "LSLSSL"  # per-layer attention window: L (long) or S (short, half the long window)
     window_max: int = 384  # long window at the end of training, in tokens (upstream 3456)
     attn_block_size: int = 64  # granularity of the window schedule in tokens (upstream 128, FlexAttention's block)
     attn_scale: float = 0.17  # softmax scale on QK-normed heads (upstream 0.12 at head_dim 128)
@@ -44,7 +44,7 @@ class Config:
     extra_embeds: int = 0  # N extra input embeddings x01..x0N mixed into the residual before every block
     value_embeds: int = 2  # number of value-embedding tables (upstream Record 8: 3, x01 record: 5)
     ve_layout: str = "upstream"  # table placement: upstream (i & L-n+i), mirrored (i & L-1-i), adjacent (runs of ve_span layers)
-    ve_span: int = 3  # with ve_layout=adjacent: how many consecutive layers share one table
+    ve_span: int = 3  # with the adjacent layout: how many consecutive layers share one table
     ve_shift: int = 0  # shift the early group of value-embedding layers this many layers deeper
     ve_remove: tuple[int, ...] = ()  # layers whose value embedding is removed (a table no layer uses is dropped)
     ve_layers: tuple[int, ...] = ()  # explicit per-layer table index (-1: none), length num_layers; overrides layout

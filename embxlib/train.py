@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import Config, add_config_args, config_from_args
 from .data import TokenStream, shard_files
@@ -69,7 +70,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
             cfg = Config.from_dict(json.loads(cfg_path.read_text()))
         else:
             cfg = config_from_args(args)
-            if args.run_dir and Path(args.run_dir).exists() and any(Path(args.run_dir).iterdir()):
+            if args.run_dir and not is_new_run_dir(Path(args.run_dir)):
                 raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; runs are never "
                                  f"overwritten: choose another folder or --resume it")
         cfg.validate(world)
@@ -128,12 +129,17 @@ def resolve_device(cfg: Config) -> torch.device:
 
 # --- run folder and logging ----------------------------------------------------------------------
 
+def is_new_run_dir(d: Path) -> bool:
+    """Nothing there yet but what the launcher writes first: the executed notebook and console.log."""
+    return not d.exists() or all(p.suffix == ".ipynb" or p.name == "console.log" for p in d.iterdir())
+
+
 def new_run_dir(args, cfg: Config) -> Path:
     if args.run_dir:
         d = Path(args.run_dir)
     else:
         d = Path(args.runs_root) / f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.name}_s{cfg.seed}"
-    if d.exists() and any(d.iterdir()):
+    if not is_new_run_dir(d):
         raise FileExistsError(f"run folder {d} already exists and is not empty; runs are never overwritten: "
                               f"choose another --run-dir, or continue it with --resume {d}")
     d.mkdir(parents=True, exist_ok=True)
@@ -397,6 +403,7 @@ def dry_run(cfg: Config) -> None:
           f"x grad_accum {cfg.grad_accum_steps(world)})")
 
 
+@record  # under torchrun, a failing rank's traceback is reported as the root cause
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = parse(argv)

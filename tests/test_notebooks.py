@@ -1,0 +1,140 @@
+"""Notebooks: stored clean with their parameters tag, in step with Config, and really executed by papermill:
+a run, a bad parameter, a failing rank, a sweep that resumes instead of retraining."""
+import ast
+import json
+import os
+import time
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+from embxlib import launch
+from embxlib.config import field_help
+from conftest import FAST, ROOT
+
+NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
+
+
+def fast_params(corpus) -> dict:
+    """conftest.FAST as notebook parameters."""
+    flags = dict(zip(FAST[::2], FAST[1::2]))
+    out = {k[2:].replace("-", "_"): v for k, v in flags.items()}
+    out = {k: (v if k == "preset" else int(v)) for k, v in out.items()}
+    return {**out, "data_dir": str(corpus)}
+
+
+def parameters_cell(path) -> nbformat.NotebookNode:
+    cells = [c for c in nbformat.read(path, 4).cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: needs exactly one cell tagged parameters"
+    return cells[0]
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.name)
+def test_notebooks_are_stored_without_outputs(path):
+    nb = nbformat.read(path, 4)
+    parameters_cell(path)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{path.name} has outputs: strip them"
+
+
+def test_run_variant_parameters_match_config():
+    cell = parameters_cell(ROOT / "nbs" / "run_variant.ipynb")
+    names = [t.id for node in ast.parse(cell.source).body for t in node.targets]
+    assert names == launch.CONFIG_FIELDS + list(launch.LAUNCH_SETTINGS), \
+        "nbs/run_variant.ipynb's parameters cell must list every Config field, then the launch settings, in order"
+    helps = field_help()
+    for line in cell.source.splitlines():
+        name = line.split(" = ")[0]
+        if name in helps:
+            assert line.endswith("# " + helps[name]), f"comment of {name} differs from its Config comment"
+    values = {t.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body for t in node.targets}
+    assert {k: values[k] for k in launch.LAUNCH_SETTINGS} == launch.LAUNCH_SETTINGS
+
+
+def no_process_mentions(text: str) -> bool:
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                return False
+        except OSError:
+            continue
+    return True
+
+
+@pytest.mark.slow
+def test_papermill_runs_a_variant(corpus, tmp_path):
+    out = tmp_path / "runs" / "x02" / "notebook.ipynb"  # the executed notebook kept inside its run folder
+    out.parent.mkdir(parents=True)
+    pm.execute_notebook(str(ROOT / "nbs" / "run_variant.ipynb"), str(out), cwd=str(ROOT), progress_bar=False,
+                        parameters={**fast_params(corpus), "extra_embeds": 2, "run_name": "x02",
+                                    "runs_root": str(tmp_path / "runs")})
+    run = tmp_path / "runs" / "x02"
+    for f in ("config.json", "log.txt", "metrics.jsonl", "summary.json", "console.log", "loss.png", "checkpoint.pt"):
+        assert (run / f).exists(), f
+    assert json.loads((run / "config.json").read_text())["extra_embeds"] == 2
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    text = "".join(o.get("text", "") for c in nbformat.read(out, 4).cells for o in c.get("outputs", []))
+    assert "val_loss" in text and str(run) in text
+    assert text.count("train_loss") == 0  # only validation lines reach the notebook; the rest is in console.log
+    assert "train_loss" in (run / "console.log").read_text()
+
+
+@pytest.mark.parametrize("param, value, message", [("extra_embeds", -1, "extra_embeds=-1: must be >= 0"),
+                                                   ("nproc_per_node", 0, "nproc_per_node=0"),
+                                                   ("ve_layout", "diagonal", "ve_layout='diagonal'")])
+def test_bad_parameter_fails_fast_without_starting_anything(corpus, tmp_path, param, value, message):
+    t = time.time()
+    with pytest.raises(pm.PapermillExecutionError, match=message):
+        pm.execute_notebook(str(ROOT / "nbs" / "run_variant.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(ROOT),
+                            progress_bar=False, parameters={**fast_params(corpus), param: value, "run_name": "bad",
+                                                            "runs_root": str(tmp_path / "runs")})
+    assert time.time() - t < 60
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_failing_rank_fails_the_notebook_and_leaves_no_process(corpus, tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(ROOT / "nbs" / "run_variant.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(ROOT),
+                            progress_bar=False, parameters={**fast_params(corpus), "nproc_per_node": 2, "fail_at_step": 1,
+                                                            "fail_rank": 1, "run_name": "boom", "runs_root": str(runs)})
+    assert "injected fault at step 1 on rank 1" in str(err.value)
+    time.sleep(1)
+    assert no_process_mentions(str(runs / "boom"))
+    assert "step:1/4 train_loss" in (runs / "boom" / "log.txt").read_text()  # rank 0's log survived
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_variant_once(corpus, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    base = {**fast_params(corpus), "num_iterations": 2}
+    table = launch.sweep({"extra_embeds": [0, 1]}, [0, 1], base, sweep_dir)
+    names = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert names == ["extra_embeds0_s0", "extra_embeds0_s1", "extra_embeds1_s0", "extra_embeds1_s1"]
+    assert (sweep_dir / "summary.csv").exists() and len(table) == 4 and set(table.status) == {"finished"}
+    assert sorted(table.extra_embeds) == [0, 0, 1, 1] and table.final_val_loss.notna().all()
+    for n in names:
+        assert (sweep_dir / n / "notebook.ipynb").exists()
+    stamps = {n: os.stat(sweep_dir / n / "log.txt").st_mtime_ns for n in names}
+    said = []
+    launch.sweep({"extra_embeds": [0, 1]}, [0, 1], base, sweep_dir, echo=said.append)
+    assert {n: os.stat(sweep_dir / n / "log.txt").st_mtime_ns for n in names} == stamps
+    assert sum("skipped" in s for s in said) == 4
+
+
+@pytest.mark.slow
+def test_sweep_resumes_an_interrupted_run(corpus, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    base = {**fast_params(corpus), "num_iterations": 4, "save_every": 2}
+    with pytest.raises(launch.LaunchError, match="injected fault"):
+        launch.launch({**base, "extra_embeds": 1, "seed": 0}, run_name="extra_embeds1_s0", runs_root=str(sweep_dir),
+                      fail_at_step=3, progress=False)
+    assert launch.run_state(sweep_dir / "extra_embeds1_s0") == "resumable"
+    said = []
+    table = launch.sweep({"extra_embeds": [1]}, [0], base, sweep_dir, echo=said.append)
+    assert any("resuming" in s for s in said) and table.status.tolist() == ["finished"]
+    assert "resumed from checkpoint.pt" in (sweep_dir / "extra_embeds1_s0" / "log.txt").read_text()

@@ -32,6 +32,18 @@ class ParseWarning(UserWarning):
 
 
 _FIELD = re.compile(r"(\w+):(\[[^\]]*\]|\S+)")  # key:value, where a value may be a [list, of, floats]
+# The lines of a text log that matter, found in one pass over "\n" + text + "\n" (the literal "\n" lets the regex
+# engine jump from line start to line start). Groups 1-4: a well-formed validation line, read whole (most lines
+# of a large log). Group 5: any other `step:` line carrying val_loss or lambdas (and, in markdown, a heading),
+# read field by field with _FIELD. Training-step lines match neither.
+_CANONICAL = r"step:(\d{1,18})/(\d{1,18}) val_loss:(\d+\.\d+|nan) train_time:(\d+(?:\.\d+)?)ms step_avg:\S+(?=\n)"
+# (the lookahead turns the upstream training-step line away before the line is scanned for val_loss: 2x faster)
+_OTHER = r"step:(?!\d+/\d+ train_time:\d+ms step_avg:\S+\n)[^\n]*?(?:val_loss|_lambdas)[^\n]*"
+_LOG_EVENTS = re.compile(rf"\n(?:{_CANONICAL}|({_OTHER}))", re.ASCII)
+_MD_EVENTS = re.compile(rf"\n(?:{_CANONICAL}|({_OTHER}|##[^\n]*))", re.ASCII)
+_METRICS_HEAD = re.compile(
+    r'\{"step": (\d{1,18}), "val_loss": (-?\d+(?:\.\d+)?(?:e[+-]?\d+)?|NaN|-?Infinity), '
+    r'"train_time_ms": (\d+(?:\.\d+)?(?:e[+-]?\d+)?)[,}]', re.ASCII)
 _HEADING = re.compile(r"^#{2,}\s*(.*?)\s*$")  # `##`/`###` start a run; `# Results` is the document title
 _STEP_IN_HEADING = re.compile(r"step:\d+/\d+")  # the published 00004 file has `## 61 3step:0/5820 ...`
 _REPEAT_SUFFIX = re.compile(r"[\s-]+\d+$")  # `0-3`, `61 3`, `999-record-2`: the trailing repeat index
@@ -67,57 +79,101 @@ def repeat_variant(name: str) -> str:
 
 
 class _Run:
-    __slots__ = ("base", "vals", "lambdas", "last_step", "total")
+    __slots__ = ("base", "steps", "times", "losses", "lambdas")
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, steps=None, times=None, losses=None):
         self.base = base
-        self.vals: list[tuple[int, float, float]] = []  # (step, train_time_s, val_loss)
+        # validation points: numpy slices from _parse_text, lists that parse_run_folder appends to
+        self.steps = [] if steps is None else steps
+        self.times = [] if times is None else times
+        self.losses = [] if losses is None else losses
         self.lambdas: list[tuple[int, str, list[float]]] = []  # (step, stream, per-layer values)
-        self.last_step = -1
-        self.total: int | None = None
+
+
+def _read_step_line(line: str):
+    """(step, total, (train_time_s, val_loss) or None, [(stream, per-layer values)]) of one `step:` line,
+    read field by field. Raises KeyError or ValueError for a malformed line."""
+    fields = dict(_FIELD.findall(line))
+    step_text, total_text = fields["step"].split("/")
+    if len(step_text) > 18 or len(total_text) > 18:
+        raise ValueError("step out of range")
+    point = (_seconds(fields["train_time"]), float(fields["val_loss"])) if "val_loss" in fields else None
+    lambdas = [(k[: -len("_lambdas")], _floats(v)) for k, v in fields.items() if k.endswith("_lambdas")]
+    return int(step_text), int(total_text), point, lambdas
 
 
 def _parse_text(text: str, source: str, sections: bool, default_name: str) -> list[_Run]:
-    runs: list[_Run] = []
-    base = default_name
-    current: _Run | None = None
-    for lineno, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if sections and line.startswith("##"):
+    """The runs in one text file, in document order.
+
+    One regex pass finds every line that matters; well-formed validation lines (most of a large log) come out
+    already split into numbers, so no Python code runs per line. The few other lines (headings, lambdas,
+    trailing fields, damage) are read field by field, and numpy cuts the validation points into runs.
+    """
+    padded = "\n" + text.replace("\r\n", "\n") + "\n"
+    events = (_MD_EVENTS if sections else _LOG_EVENTS).findall(padded)
+
+    headings: list[tuple[int, str]] = []  # (event index, run name)
+    points: list[tuple[int, int, int, float, float]] = []  # (event index, step, total, train_time_s, val_loss)
+    lambda_rows: list[tuple[int, int, str, list[float]]] = []  # (event index, step, stream, values)
+    at = 0  # where the previous such line starts in padded: its line number costs one count, not a file scan
+    lineno = 0
+    for k in [k for k, event in enumerate(events) if event[4]]:
+        line = events[k][4]
+        found = padded.find("\n" + line + "\n", at)
+        lineno, at = lineno + padded.count("\n", at, found + 1), found + 1
+        if line.startswith("##"):
             title = _HEADING.match(line).group(1)
             fused = _STEP_IN_HEADING.search(title)
-            base, current = (title[: fused.start()].strip() if fused else title) or default_name, None
+            headings.append((k, (title[: fused.start()].strip() if fused else title) or default_name))
             if not fused:
                 continue
             line = title[fused.start():]
-        if not line.startswith("step:"):
-            continue
-        # training-step lines (`step:126/5960 train_time:...`) carry nothing we keep: skip them cheaply
-        if "val_loss" not in line and "_lambdas" not in line:
-            continue
         try:
-            fields = dict(_FIELD.findall(line))
-            step_text, total_text = fields["step"].split("/")
-            step, total = int(step_text), int(total_text)
-            if "val_loss" in fields:
-                point = (step, _seconds(fields["train_time"]), float(fields["val_loss"]))
-                # a step that does not advance, or a new step count, starts the next of several concatenated runs
-                if current is None or step <= current.last_step or total != current.total:
-                    current = _Run(base)
-                    runs.append(current)
-                current.vals.append(point)
-                current.last_step, current.total = step, total
-            lambdas = [(step, k[: -len("_lambdas")], _floats(v)) for k, v in fields.items() if k.endswith("_lambdas")]
-            if lambdas:
-                if current is None:
-                    current = _Run(base)
-                    runs.append(current)
-                current.lambdas.extend(lambdas)
+            step, total, point, lambdas = _read_step_line(line)
         except KeyError as exc:
             _warn(f"{source}:{lineno}: skipped malformed line (no {exc.args[0]} field): {line[:80]!r}")
+            continue
         except ValueError as exc:
             _warn(f"{source}:{lineno}: skipped malformed line ({exc!s:.60}): {line[:80]!r}")
-    return runs
+            continue
+        if point is not None:
+            points.append((k, step, total, *point))
+        lambda_rows.extend((k, step, stream, values) for stream, values in lambdas)
+
+    # every validation point in document order: the regex's strings and the numbers read field by field
+    canonical = [k for k, event in enumerate(events) if not event[4]]
+    groups = list(zip(*(events[k][:4] for k in canonical))) or [()] * 4
+    rows = list(zip(*points)) or [()] * 5
+    index = np.array(canonical + list(rows[0]), dtype=np.int64)
+    order = np.argsort(index, kind="stable")
+    index = index[order]
+    step = np.array(groups[0] + rows[1], dtype=np.int64)[order]
+    total = np.array(groups[1] + rows[2], dtype=np.int64)[order]
+    time_s = np.concatenate([np.array(groups[3], dtype=np.float64) / 1000.0, np.array(rows[3], dtype=np.float64)])[order]
+    loss = np.array(groups[2] + rows[4], dtype=np.float64)[order]
+
+    # a heading starts a run; so does a step that does not advance or a new step count (concatenated runs)
+    heading_at = np.array([h[0] for h in headings], dtype=np.int64)
+    titles = [default_name] + [h[1] for h in headings]
+    section = np.searchsorted(heading_at, index, side="right")
+    new_run = np.ones(len(index), dtype=bool)
+    new_run[1:] = (np.diff(section) != 0) | (np.diff(step) <= 0) | (np.diff(total) != 0)
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:], len(index)]
+    runs = {int(index[a]): _Run(titles[section[a]], step[a:b], time_s[a:b], loss[a:b]) for a, b in zip(starts, ends)}
+
+    # lambda lines belong to the run of the last validation point at or above them in their section
+    lambda_only: dict[int, int] = {}  # section -> first event of its run made of lambdas only
+    for k, step_k, stream, values in lambda_rows:
+        sec = int(np.searchsorted(heading_at, k, side="right"))
+        last = int(np.searchsorted(index, k, side="right")) - 1
+        if last >= 0 and section[last] == sec:
+            key = int(index[starts[np.searchsorted(starts, last, side="right") - 1]])
+        else:  # lambdas before any validation point of their section
+            key = lambda_only.setdefault(sec, k)
+            runs.setdefault(key, _Run(titles[sec]))
+        runs[key].lambdas.append((step_k, stream, values))
+    return [runs[key] for key in sorted(runs)]  # keyed by first event: document order
 
 
 def _run_names(runs: list[_Run]) -> list[str]:
@@ -137,43 +193,47 @@ def _run_names(runs: list[_Run]) -> list[str]:
 
 
 def _frames(runs: list[_Run], names: list[str], variants: list[str], source: str, with_lambdas: bool):
+    sizes = [len(r.steps) for r in runs]
     vals = pd.DataFrame(
         {
-            "run": np.repeat(names, [len(r.vals) for r in runs]),
-            "variant": np.repeat(variants, [len(r.vals) for r in runs]),
-            **dict(zip(["step", "train_time_s", "val_loss"], _columns([p for r in runs for p in r.vals], 3))),
-            "source": source,
+            "run": _strings(names, sizes),
+            "variant": _strings(variants, sizes),
+            "step": _column([r.steps for r in runs], np.int64),
+            "train_time_s": _column([r.times for r in runs], np.float64),
+            "val_loss": _column([r.losses for r in runs], np.float64),
+            "source": _strings([source], [sum(sizes)]),
         },
         columns=VAL_COLUMNS,
-    ).astype({"run": "str", "variant": "str", "step": "int64", "train_time_s": "float64", "val_loss": "float64",
-              "source": "str"})
+    )
     if not with_lambdas:
         return vals, None
     records = [(name, variant, *rec) for run, name, variant in zip(runs, names, variants) for rec in run.lambdas]
     return vals, _lambda_frame(records, source)
 
 
-def _columns(rows: list[tuple], width: int) -> list[list]:
-    return [list(col) for col in zip(*rows)] if rows else [[] for _ in range(width)]
+def _strings(values: list[str], sizes: list[int]):
+    return pd.array(np.repeat(np.array(values, dtype=object), sizes), dtype="str")
+
+
+def _column(parts, dtype) -> np.ndarray:
+    return np.concatenate([np.asarray(part, dtype=dtype) for part in parts]) if parts else np.array([], dtype=dtype)
 
 
 def _lambda_frame(records: list[tuple[str, str, int, str, list[float]]], source: str) -> pd.DataFrame:
     # one record per (run, step, stream) holding a per-layer list: expand to one row per layer
     sizes = [len(rec[4]) for rec in records]
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         {
-            "run": np.repeat([r[0] for r in records], sizes),
-            "variant": np.repeat([r[1] for r in records], sizes),
-            "step": np.repeat(np.array([r[2] for r in records], dtype="int64"), sizes),
-            "stream": np.repeat([r[3] for r in records], sizes),
-            "layer": np.concatenate([np.arange(n) for n in sizes]) if records else [],
-            "value": np.array([v for r in records for v in r[4]], dtype="float64"),
-            "source": source,
+            "run": _strings([r[0] for r in records], sizes),
+            "variant": _strings([r[1] for r in records], sizes),
+            "step": np.repeat(np.array([r[2] for r in records], dtype=np.int64), sizes),
+            "stream": _strings([r[3] for r in records], sizes),
+            "layer": np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if records else [],
+            "value": np.array([v for r in records for v in r[4]], dtype=np.float64),
+            "source": _strings([source], [sum(sizes)]),
         },
         columns=LAMBDA_COLUMNS,
-    )
-    return frame.astype({"run": "str", "variant": "str", "step": "int64", "stream": "str", "layer": "int64",
-                         "value": "float64", "source": "str"})
+    ).astype({"layer": "int64"})
 
 
 def _read_text(path: Path) -> str:
@@ -212,8 +272,8 @@ def _read_json_file(path: Path) -> dict:
         return {}
 
 
-def _metrics_records(path: Path) -> list[dict]:
-    lines = [line for line in _read_text(path).split("\n") if line.strip()]
+def _metrics_records(text: str, path: Path) -> list[dict]:
+    lines = [line for line in text.split("\n") if line.strip()]
     try:  # one C-level parse of the whole file; a bad line sends us to the line-by-line path
         records = json.loads("[" + ",".join(lines) + "]")
         if all(isinstance(r, dict) for r in records):
@@ -221,7 +281,7 @@ def _metrics_records(path: Path) -> list[dict]:
     except ValueError:
         pass
     records = []
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -232,6 +292,27 @@ def _metrics_records(path: Path) -> list[dict]:
         except ValueError as exc:
             _warn(f"{path}:{lineno}: skipped malformed line ({exc!s:.60}): {line[:80]!r}")
     return records
+
+
+def _metrics_points(text: str):
+    """(steps, train_time_s, val_loss) arrays read off the start of every record, or None to decode the JSON.
+
+    The training core writes json.dumps(dict(step=, val_loss=, train_time_ms=, lambdas=, norms=)); decoding a
+    record's per-layer lists costs 10-50 us, which dominated loading, so when every line starts as written we read
+    the three numbers with one regex and never decode the rest. Anything else takes the JSON path.
+    """
+    heads = [_METRICS_HEAD.match(line) for line in text.split("\n") if line.strip()]
+    if not heads or not all(heads):
+        return None
+    steps, losses, ms = zip(*(head.groups() for head in heads))
+    return np.array(steps, dtype=np.int64), np.array(ms, dtype=np.float64) / 1000.0, np.array(losses, dtype=np.float64)
+
+
+def _step(value) -> int:
+    step = int(value)
+    if not 0 <= step < 10**18:
+        raise ValueError("step out of range")
+    return step
 
 
 def _per_layer(values) -> list[float]:
@@ -246,21 +327,31 @@ def parse_run_folder(folder, with_lambdas: bool = True) -> tuple[pd.DataFrame, p
     variant = str(config.get("name") or folder.name)
     run = _Run(folder.name)
     metrics = folder / "metrics.jsonl"
-    for index, record in enumerate(_metrics_records(metrics) if metrics.is_file() else [], 1):
-        try:
-            step = int(record["step"])
-            run.vals.append((step, float(record["train_time_ms"]) / 1000.0, float(record["val_loss"])))
-            if with_lambdas:
-                for stream, values in (record.get("lambdas") or {}).items():
-                    run.lambdas.append((step, str(stream), _per_layer(values)))
+    text = _read_text(metrics) if metrics.is_file() else ""
+    points = None if with_lambdas else _metrics_points(text)
+    if points is not None:
+        run.steps, run.times, run.losses = points
+    else:
+        for index, record in enumerate(_metrics_records(text, metrics), 1):
+            try:
+                step = _step(record["step"])
+                point = (float(record["train_time_ms"]) / 1000.0, float(record["val_loss"]))
+                streams = [(str(k), _per_layer(v)) for k, v in (record.get("lambdas") or {}).items()]
                 if record.get("norms") is not None:
-                    run.lambdas.append((step, "norm", _per_layer(record["norms"])))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            _warn(f"{metrics}: record {index}: skipped ({exc!s:.60})")
-    if not run.vals and (folder / "log.txt").is_file():
+                    streams.append(("norm", _per_layer(record["norms"])))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                _warn(f"{metrics}: record {index}: skipped ({exc!s:.60})")
+                continue
+            run.steps.append(step)
+            run.times.append(point[0])
+            run.losses.append(point[1])
+            if with_lambdas:
+                run.lambdas.extend((step, stream, values) for stream, values in streams)
+    if not len(run.steps) and (folder / "log.txt").is_file():
         # a run that died before writing metrics may still have its log
-        runs = _parse_text(_read_text(folder / "log.txt"), str(folder / "log.txt"), False, folder.name)
-        run.vals = [p for r in runs for p in r.vals]
+        logged = _parse_text(_read_text(folder / "log.txt"), str(folder / "log.txt"), False, folder.name)
+        run.steps, run.times, run.losses = ([x for r in logged for x in getattr(r, name)]
+                                            for name in ("steps", "times", "losses"))
     return _frames([run], [folder.name], [variant], str(folder), with_lambdas)
 
 

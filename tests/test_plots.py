@@ -113,3 +113,12 @@ def test_save_table(tmp_path):
     assert pd.read_csv(path.with_suffix(".csv"), dtype={"variant": str}).equals(table)
     assert save_table("| a |\n", tmp_path / "lens.md").read_text() == "| a |\n"
     assert np.isclose(pd.read_csv(path.with_suffix(".csv"))["time_to_target_s"].iloc[0], 1410.55)
+
+
+def test_bench_analysis_loads_every_format(tmp_path):
+    from embxlib.bench import bench_analysis
+
+    result = bench_analysis(n_runs=7, n_points=40, tmpdir=tmp_path)
+    assert result["runs"] == 7 and result["points"] == 7 * 40 and result["curves"] == 4
+    assert 0 < result["load_s"] <= result["total_s"]
+    assert list(tmp_path.iterdir()) == []  # the synthetic files are cleaned up

@@ -76,22 +76,27 @@ def welch_test(variant, baseline, alternative: str = "less") -> dict:
 
 
 def final_stats(df: pd.DataFrame, threshold: float = 2.92, alpha: float = 0.05, baseline: str | None = None):
-    """Per variant: final loss and time summaries, the record t-test and (given a baseline) Welch's p-value."""
+    """Per variant: final loss and time summaries, the record t-test and (given a baseline) Welch's p-value.
+
+    Runs whose final loss is not finite (diverged) are counted in n_nonfinite and left out of the statistics,
+    which a single NaN would otherwise turn into NaN.
+    """
     finals = final_points(df)
+    finals = finals.assign(finite=np.isfinite(finals["val_loss"]))
+    base = finals.loc[(finals["variant"] == baseline) & finals["finite"], "val_loss"].to_numpy()
     rows = []
     for variant, group in finals.groupby("variant", sort=False):
-        loss, time = group["val_loss"].to_numpy(), group["train_time_s"].to_numpy()
-        row = {"variant": variant, "n": len(group)}
-        row.update({f"loss_{k}": v for k, v in describe(loss).items()})
-        row.update({f"time_s_{k}": v for k, v in describe(time).items()})
-        if len(group) > 1:
-            test = record_ttest(loss, threshold, alpha)
+        good = group[group["finite"]]
+        row = {"variant": variant, "n": len(good), "n_nonfinite": len(group) - len(good)}
+        if len(good):
+            row.update({f"loss_{k}": v for k, v in describe(good["val_loss"]).items()})
+            row.update({f"time_s_{k}": v for k, v in describe(good["train_time_s"]).items()})
+        if len(good) > 1:
+            test = record_ttest(good["val_loss"], threshold, alpha)
             row.update(p_value=test["p_value"], upper_conf_bound_mean=test["upper_conf_bound_mean"],
                        decision=test["decision"])
-        if baseline is not None and variant != baseline and len(group) > 1:
-            base = finals.loc[finals["variant"] == baseline, "val_loss"].to_numpy()
-            if len(base) > 1:
-                row["welch_p_vs_baseline"] = welch_test(loss, base)["p_value"]
+            if variant != baseline and len(base) > 1:
+                row["welch_p_vs_baseline"] = welch_test(good["val_loss"], base)["p_value"]
         rows.append(row)
     return pd.DataFrame(rows)
 

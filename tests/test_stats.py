@@ -112,6 +112,15 @@ def test_final_stats_with_a_baseline():
     assert np.isnan(table.loc["base", "welch_p_vs_baseline"])
 
 
+def test_final_stats_leave_out_diverged_runs():
+    df = pd.DataFrame({"run": ["a", "b", "c"], "variant": ["v"] * 3, "step": [10] * 3,
+                       "train_time_s": [100.0, 102.0, 50.0], "val_loss": [2.0, 2.2, np.nan]})
+    row = final_stats(df, threshold=3.0).iloc[0]
+    assert (row["n"], row["n_nonfinite"]) == (2, 1)
+    assert row["loss_mean"] == pytest.approx(2.1) and row["time_s_max"] == 102.0
+    assert row["p_value"] == pytest.approx(record_ttest([2.0, 2.2], threshold=3.0)["p_value"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # seed 004: the order in which value-embedding variants cross 2.92
 

@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from embxlib.stats import _is_mixing, average_runs
+from embxlib.stats import average_runs, is_mixing_stream
 
 AXIS_LABELS = {"step": "step", "train_time_s": "training time (s)"}
 
@@ -96,7 +96,7 @@ def plot_layer_lambdas(final: pd.DataFrame, streams=None, ylabel: str = "lambda"
     """
     fig, ax = _figure(ax, size=(10, 5))
     if streams is None:
-        streams = sorted((s for s in pd.unique(final["stream"]) if _is_mixing(s)), key=lambda s: (s != "x", s))
+        streams = sorted((s for s in pd.unique(final["stream"]) if is_mixing_stream(s)), key=lambda s: (s != "x", s))
     data = final[final["stream"].isin(list(streams))]
     n_runs = data["run"].nunique()
     sns.barplot(data=data, x="layer", y="value", hue="stream", hue_order=list(streams),

@@ -149,7 +149,8 @@ def _parse_text(text: str, source: str, sections: bool, default_name: str) -> li
     index = index[order]
     step = np.array(groups[0] + rows[1], dtype=np.int64)[order]
     total = np.array(groups[1] + rows[2], dtype=np.int64)[order]
-    time_s = np.concatenate([np.array(groups[3], dtype=np.float64) / 1000.0, np.array(rows[3], dtype=np.float64)])[order]
+    time_s = np.concatenate([np.array(groups[3], dtype=np.float64) / 1000.0,
+                             np.array(rows[3], dtype=np.float64)])[order]
     loss = np.array(groups[2] + rows[4], dtype=np.float64)[order]
 
     # a heading starts a run; so does a step that does not advance or a new step count (concatenated runs)

@@ -215,8 +215,9 @@ def rank_by_window(df: pd.DataFrame, start: float, end: float, x: str = "train_t
 # lambdas
 
 
-def _is_mixing(stream: str) -> bool:
-    # the weighted sum at each layer's input: x (the residual) and x00, x01, ... (the input embeddings)
+def is_mixing_stream(stream: str) -> bool:
+    """Whether a lambda stream is part of the weighted sum at each layer's input: x (the residual) and
+    x00, x01, ... (the input embeddings); v, ve, skip/unet and norm are not."""
     return stream == "x" or re.fullmatch(r"x0\d+", stream) is not None
 
 
@@ -236,7 +237,7 @@ def mixing_shares(final: pd.DataFrame, norms=None) -> pd.DataFrame:
     norms: None (no correction), "logged" (each run's own "norm" stream), or one per-layer sequence for all runs
     (the published data: predictions.md's x_norms["x"]). Returns run, variant, layer, stream, value.
     """
-    mixing = final[final["stream"].map(_is_mixing)]
+    mixing = final[final["stream"].map(is_mixing_stream)]
     wide = mixing.pivot_table(index=["run", "variant", "layer"], columns="stream", values="value", sort=False)
     if isinstance(norms, str) and norms == "logged":
         logged = final[final["stream"] == "norm"].set_index(["run", "variant", "layer"])["value"].sort_index()

@@ -245,9 +245,10 @@ def write_run(folder: Path, name="x01", seed=0, points=((0, 10.8256, 0.0), (25, 
     log = ["# embxlib run", json.dumps(config)]
     records = []
     for step, loss, ms in points:
+        avg = f"train_time:{ms:.0f}ms step_avg:{ms / max(step, 1):.2f}ms"
         if step:
-            log.append(f"step:{step}/{total} train_loss:{loss + 0.1:.4f} train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms")
-        log.append(f"step:{step}/{total} val_loss:{loss:.6f} train_time:{ms:.0f}ms step_avg:{ms / max(step, 1):.2f}ms")
+            log.append(f"step:{step}/{total} train_loss:{loss + 0.1:.4f} {avg}")
+        log.append(f"step:{step}/{total} val_loss:{loss:.6f} {avg}")
         records.append({
             "step": step, "val_loss": loss, "train_time_ms": ms,
             "lambdas": {"x": [1.0 + step / 100] * layers, "x00": [0.5] * layers, "x01": [step / 50] * layers,
@@ -278,7 +279,8 @@ def test_run_folder(tmp_path):
 def test_run_folder_without_metrics_falls_back_to_its_log(tmp_path):
     write_run(tmp_path / "a", metrics=False)
     df = load_runs(tmp_path / "a")
-    assert df[["step", "train_time_s", "val_loss"]].values.tolist() == [[0, 0.0, 10.8256], [25, 15.0, 7.25], [50, 30.5, 6.5]]
+    expected = [[0, 0.0, 10.8256], [25, 15.0, 7.25], [50, 30.5, 6.5]]
+    assert df[["step", "train_time_s", "val_loss"]].values.tolist() == expected
     assert df["variant"].iloc[0] == "x01"
 
 
@@ -335,7 +337,8 @@ def _corrupt(data: bytes, rng: random.Random) -> bytes:
             j = rng.randrange(len(lines))
             lines[i], lines[j] = lines[j], line
         elif action == "digit":
-            lines[i] = line.replace(rng.choice(b"0123456789.:/[]ms").to_bytes(1, "big"), rng.choice([b"", b"x", b"-", b" "]), 1)
+            old = rng.choice(b"0123456789.:/[]ms").to_bytes(1, "big")
+            lines[i] = line.replace(old, rng.choice([b"", b"x", b"-", b" "]), 1)
         elif action == "drop":
             del lines[i]
     return b"\n".join(lines)
@@ -394,7 +397,8 @@ def test_load_predictions(preds):
     assert len(preds["tokens"]) == 128
     assert preds["tokens"][0] == "mail" and preds["tokens"][10] == " Emails"
     assert len(preds["predictions"]) == 28
-    assert [f"x-{i}" for i in range(16)] + ["x-out", "x00", "x01", "ve0", "ve1", "ve2"] == list(preds["predictions"])[:22]
+    components = [f"x-{i}" for i in range(16)] + ["x-out", "x00", "x01", "ve0", "ve1", "ve2"]
+    assert list(preds["predictions"])[:22] == components
     assert preds["x_norms"]["x"][:3] == [8192.0, 327680.0, 618496.0] and len(preds["x_norms"]["x"]) == 16
     assert preds["predictions"]["x-0"][0][0.2581206262111664] == " address"
 

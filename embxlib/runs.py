@@ -18,6 +18,7 @@ import json
 import os
 import re
 import warnings
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,8 @@ _CANONICAL = r"step:(\d{1,18})/(\d{1,18}) val_loss:(\d+\.\d+|nan) train_time:(\d
 _OTHER = r"step:(?!\d+/\d+ train_time:\d+ms step_avg:\S+\n)[^\n]*?(?:val_loss|_lambdas)[^\n]*"
 _LOG_EVENTS = re.compile(rf"\n(?:{_CANONICAL}|({_OTHER}))", re.ASCII)
 _MD_EVENTS = re.compile(rf"\n(?:{_CANONICAL}|({_OTHER}|##[^\n]*))", re.ASCII)
-_METRICS_HEAD = re.compile(
-    r'\{"step": (\d{1,18}), "val_loss": (-?\d+(?:\.\d+)?(?:e[+-]?\d+)?|NaN|-?Infinity), '
+_METRICS_HEAD = re.compile(  # the start of a metrics.jsonl line as train.py writes it (see _metrics_points)
+    r'\n\{"step": (\d{1,18}), "val_loss": (-?\d+(?:\.\d+)?(?:e[+-]?\d+)?|NaN|-?Infinity), '
     r'"train_time_ms": (\d+(?:\.\d+)?(?:e[+-]?\d+)?)[,}]', re.ASCII)
 _HEADING = re.compile(r"^#{2,}\s*(.*?)\s*$")  # `##`/`###` start a run; `# Results` is the document title
 _STEP_IN_HEADING = re.compile(r"step:\d+/\d+")  # the published 00004 file has `## 61 3step:0/5820 ...`
@@ -117,7 +118,7 @@ def _parse_text(text: str, source: str, sections: bool, default_name: str) -> li
     lambda_rows: list[tuple[int, int, str, list[float]]] = []  # (event index, step, stream, values)
     at = 0  # where the previous such line starts in padded: its line number costs one count, not a file scan
     lineno = 0
-    for k in [k for k, event in enumerate(events) if event[4]]:
+    for k in [k for k, event in enumerate(events) if event[4]]:  # the lines read field by field
         line = events[k][4]
         found = padded.find("\n" + line + "\n", at)
         lineno, at = lineno + padded.count("\n", at, found + 1), found + 1
@@ -141,8 +142,10 @@ def _parse_text(text: str, source: str, sections: bool, default_name: str) -> li
         lambda_rows.extend((k, step, stream, values) for stream, values in lambdas)
 
     # every validation point in document order: the regex's strings and the numbers read field by field
-    canonical = [k for k, event in enumerate(events) if not event[4]]
-    groups = list(zip(*(events[k][:4] for k in canonical))) or [()] * 4
+    columns = list(zip(*events)) or [()] * 5
+    is_canonical = [not other for other in columns[4]]
+    canonical = list(compress(range(len(events)), is_canonical))
+    groups = [tuple(compress(column, is_canonical)) for column in columns[:4]]
     rows = list(zip(*points)) or [()] * 5
     index = np.array(canonical + list(rows[0]), dtype=np.int64)
     order = np.argsort(index, kind="stable")
@@ -302,10 +305,10 @@ def _metrics_points(text: str):
     record's per-layer lists costs 10-50 us, which dominated loading, so when every line starts as written we read
     the three numbers with one regex and never decode the rest. Anything else takes the JSON path.
     """
-    heads = [_METRICS_HEAD.match(line) for line in text.split("\n") if line.strip()]
-    if not heads or not all(heads):
+    heads = _METRICS_HEAD.findall("\n" + text)
+    if not heads or len(heads) != sum(1 for line in text.split("\n") if line.strip()):
         return None
-    steps, losses, ms = zip(*(head.groups() for head in heads))
+    steps, losses, ms = zip(*heads)
     return np.array(steps, dtype=np.int64), np.array(ms, dtype=np.float64) / 1000.0, np.array(losses, dtype=np.float64)
 
 

@@ -1,0 +1,164 @@
+"""Render blog notebooks (nbs/blog_*.ipynb) to markdown posts: blog/<slug>/index.md.
+
+A post is a notebook executed with papermill (kernel python3, cwd the repository root) into build/blog/, then
+converted with nbconvert's MarkdownExporter:
+- cells tagged `parameters` or `injected-parameters` are removed entirely;
+- code cells show their output only, unless tagged `show` (then their input is shown too);
+- image outputs and stderr are dropped: a post saves its figures itself under images/<slug>/<stable-name>.png
+  (see `figure`) and shows them with a markdown link, so the post references stable files, never
+  nbconvert's output_N.png.
+The result is deterministic: same inputs, same bytes (PNGs are written without a Software/date stamp).
+
+    python -m embxlib.blog nbs/blog_x0.ipynb
+    python -m embxlib.blog --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+REMOVED_TAGS = {"parameters", "injected-parameters"}
+SHOW_TAG = "show"
+_HIDE_INPUT = "embxlib-hide-input"
+
+
+def default_slug(notebook) -> str:
+    """The notebook's name without `.ipynb` and without a `blog_` prefix (nbs/blog_x0.ipynb -> x0)."""
+    stem = Path(notebook).stem
+    return stem[len("blog_"):] if stem.startswith("blog_") else stem
+
+
+def figure(fig, slug: str, name: str, alt: str = "", root=None):
+    """Save fig as images/<slug>/<name>.png (under root, default the cwd) and return the markdown that shows it
+    from blog/<slug>/index.md. Display the returned object (last expression of a cell, or IPython display)."""
+    from IPython.display import Markdown
+
+    from embxlib import plots
+
+    name = name if name.endswith(".png") else name + ".png"
+    plots.save(fig, Path(root or ".") / "images" / slug / name)
+    return Markdown(f"![{alt or name[:-4]}](../../images/{slug}/{name})")
+
+
+def _clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop parameter cells, mark code inputs hidden unless tagged show, keep only text-like outputs, and strip
+    every execution timestamp and volatile metadata."""
+    cells = []
+    for cell in nb.cells:
+        tags = set(cell.metadata.get("tags", []))
+        if tags & REMOVED_TAGS:
+            continue
+        cell.metadata = {"tags": sorted(tags)} if tags else {}
+        if cell.cell_type == "code":
+            if SHOW_TAG not in tags:
+                cell.metadata["tags"] = sorted(tags | {_HIDE_INPUT})
+            cell.execution_count = None
+            outputs = []
+            for out in cell.outputs:
+                if out.output_type == "stream":
+                    if out.name == "stderr":
+                        continue
+                elif out.output_type in ("display_data", "execute_result"):
+                    data = {k: v for k, v in out.data.items() if not k.startswith("image/")}
+                    if not data or set(data) == {"text/plain"} and str(data["text/plain"]).startswith("<Figure"):
+                        continue
+                    out.data = data
+                    out.metadata = {}
+                    if "execution_count" in out:
+                        out.execution_count = None
+                outputs.append(out)
+            cell.outputs = outputs
+        cells.append(cell)
+    nb.cells = cells
+    nb.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")}
+    return nb
+
+
+def to_markdown(nb: nbformat.NotebookNode) -> str:
+    """The cleaned notebook as markdown (no images written: they are dropped by _clean)."""
+    from nbconvert import MarkdownExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    from traitlets.config import Config
+
+    config = Config()
+    config.TagRemovePreprocessor.remove_input_tags = {_HIDE_INPUT}
+    config.TagRemovePreprocessor.enabled = True
+    exporter = MarkdownExporter(config=config)
+    exporter.register_preprocessor(TagRemovePreprocessor(config=config), enabled=True)
+    body, _ = exporter.from_notebook_node(_clean(nb))
+    lines = [line.rstrip() for line in body.strip().split("\n")]
+    text, blank = [], False
+    for line in lines:  # hidden cells leave runs of blank lines: keep at most one
+        if line == "" and blank:
+            continue
+        text.append(line)
+        blank = line == ""
+    return "\n".join(text) + "\n"
+
+
+def render(notebook, slug: str | None = None, parameters: dict | None = None, root=None) -> Path:
+    """Execute notebook with papermill (cwd root) into build/blog/<slug>.ipynb, render blog/<slug>/index.md.
+
+    root: the folder holding blog/, images/ and build/ (default: the repository root). The notebook gets the
+    parameter `slug` besides the given ones. Returns the path of index.md.
+    """
+    import papermill as pm
+
+    notebook = Path(notebook).resolve()
+    root = Path(root).resolve() if root is not None else ROOT
+    slug = slug or default_slug(notebook)
+    built = root / "build" / "blog" / f"{slug}.ipynb"
+    built.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(notebook), str(built), parameters={**(parameters or {}), "slug": slug},
+                        kernel_name="python3", cwd=str(root), progress_bar=False, log_output=False)
+    nb = nbformat.read(built, as_version=4)
+    out = root / "blog" / slug / "index.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = to_markdown(nb)
+    if not out.exists() or out.read_text(encoding="utf-8") != text:
+        out.write_text(text, encoding="utf-8")
+    return out
+
+
+def _parameter(text: str):
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name.strip(), value
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embxlib.blog", description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="*", help="blog notebooks to render")
+    parser.add_argument("--all", action="store_true", help="render every nbs/blog_*.ipynb")
+    parser.add_argument("--slug", help="output name (one notebook only); default: notebook name without blog_")
+    parser.add_argument("-p", "--parameter", action="append", type=_parameter, default=[],
+                        help="notebook parameter name=value (a Python literal, else a string); repeatable")
+    args = parser.parse_args(argv)
+    notebooks = [Path(n) for n in args.notebooks]
+    if args.all:
+        notebooks += sorted((ROOT / "nbs").glob("blog_*.ipynb"))
+    if not notebooks:
+        parser.error("name a notebook or pass --all")
+    if args.slug and len(notebooks) > 1:
+        parser.error("--slug needs exactly one notebook")
+    for nb in notebooks:
+        start = time.perf_counter()
+        out = render(nb, slug=args.slug, parameters=dict(args.parameter))
+        print(f"{nb} -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
+              f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

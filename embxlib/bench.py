@@ -1,4 +1,13 @@
-"""Benchmarks. `python -m embxlib.bench` prints a table of timings."""
+"""Benchmarks: `python -m embxlib.bench` prints tables of timings and writes them to bench/out/bench.json.
+
+    python -m embxlib.bench                      # training (eager + compiled) and analysis
+    python -m embxlib.bench --no-compile --steps 5
+    python -m embxlib.bench --only analysis
+
+Training: the tiny preset for extra_embeds 0..4 against a plain nanoGPT-style GPT of the same width, depth,
+sequence length, batch and vocabulary (AdamW, tied embedding, no value embeddings, no lambdas), in the same run,
+median ms/step after warm-up. With CUDA: medium_x01 on one GPU with gradient accumulation, tokens/s and MFU.
+"""
 
 from __future__ import annotations
 
@@ -81,9 +90,168 @@ def bench_analysis(n_runs: int = 100, n_points: int = 6000, tmpdir=None) -> dict
             "load_s": t1 - t0, "average_s": t2 - t1, "plot_s": t3 - t2, "total_s": t3 - t0}
 
 
-if __name__ == "__main__":
-    from tabulate import tabulate
+# --- training ---------------------------------------------------------------------------------------------
 
-    result = bench_analysis()
-    print(tabulate([[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in result.items()],
-                   headers=["analysis", "value"], tablefmt="github"))
+class PlainGPT(__import__("torch").nn.Module):
+    """The reference point, written the way nanoGPT writes it: LayerNorm, GELU MLP, fused c_attn, causal SDPA,
+    learned positions, the token embedding tied to the LM head."""
+
+    def __init__(self, vocab: int, layers: int, dim: int, heads: int, seq_len: int):
+        import torch.nn as nn
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(seq_len, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln_1=nn.LayerNorm(dim), c_attn=nn.Linear(dim, 3 * dim), c_proj=nn.Linear(dim, dim),
+            ln_2=nn.LayerNorm(dim), c_fc=nn.Linear(dim, 4 * dim), mlp_proj=nn.Linear(4 * dim, dim)))
+            for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx, targets):
+        import torch
+        import torch.nn.functional as F
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for b in self.blocks:
+            q, k, v = b["c_attn"](b["ln_1"](x)).split(x.size(-1), dim=2)
+            q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + b["c_proj"](y)
+            x = x + b["mlp_proj"](F.gelu(b["c_fc"](b["ln_2"](x))))
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def _median_step_ms(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - t))
+    return float(np.median(times))
+
+
+def _batches(cfg, device):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    accum = cfg.grad_accum_steps(1)
+    out = []
+    for _ in range(accum):
+        t = torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len + 1), generator=g)
+        t[0, :: 97] = 50256  # a few documents per sequence, as in real data
+        out.append((t[:, :-1].to(device).int(), t[:, 1:].to(device).long()))
+    return out
+
+
+def embxlib_step(cfg, device="cpu", compile=False):
+    """One full training step of embxlib's model and optimisers (the same calls as train.py)."""
+    import torch
+    from embxlib.model import GPT, window_schedule
+    from embxlib.optim import apply_schedules, build_optimizers
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    adam, muon = build_optimizers(model, cfg)
+    fwd = torch.compile(model, dynamic=False) if compile else model
+    batches, accum = _batches(cfg, device), cfg.grad_accum_steps(1)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device != "cpu")
+
+    def step():
+        for x, y in batches:
+            with amp:
+                loss = fwd(x, y, masks=model.masks(x, window_schedule(cfg.num_iterations // 2, cfg))) / accum
+            loss.backward()
+        apply_schedules(cfg.num_iterations // 2, cfg, adam, muon)
+        adam.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+        if device != "cpu":
+            torch.cuda.synchronize()
+    return step
+
+
+def plain_step(cfg, device="cpu", compile=False):
+    import torch
+    torch.manual_seed(0)
+    model = PlainGPT(cfg.head_vocab, cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.train_seq_len).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    fwd = torch.compile(model, dynamic=False) if compile else model
+    batches, accum = _batches(cfg, device), cfg.grad_accum_steps(1)
+
+    def step():
+        for x, y in batches:
+            (fwd(x.long(), y) / accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_training(extra=range(5), steps: int = 8, warmup: int = 3, compile_modes=(False, True)) -> list[dict]:
+    from embxlib.config import tiny
+    rows = []
+    for compiled in compile_modes:
+        cfg = tiny()
+        tokens = cfg.train_batch_tokens
+        plain = _median_step_ms(plain_step(cfg, compile=compiled), warmup, steps)
+        rows.append(dict(model="plain GPT (nanoGPT style)", compiled=compiled, ms_per_step=plain,
+                         tokens_per_s=tokens / plain * 1000))
+        base = None
+        for n in extra:
+            ms = _median_step_ms(embxlib_step(tiny(extra_embeds=n), compile=compiled), warmup, steps)
+            base = base or ms
+            rows.append(dict(model=f"embxlib tiny x0{n}", compiled=compiled, ms_per_step=ms,
+                             tokens_per_s=tokens / ms * 1000, vs_x00=ms / base, vs_plain=ms / plain))
+    return rows
+
+
+def bench_gpu(steps: int = 20, warmup: int = 5) -> dict | None:
+    """medium_x01 on one GPU (gradient accumulation 8): ms/step, tokens/s, model FLOPs utilisation."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    from embxlib.config import medium_x01
+    from embxlib.model import count_params
+    cfg = medium_x01(compile=True)
+    ms = _median_step_ms(embxlib_step(cfg, device="cuda", compile=True), warmup, steps)
+    tokens = cfg.train_batch_tokens
+    n = count_params(cfg) - cfg.vocab_size * cfg.model_dim * (1 + cfg.extra_embeds + cfg.num_ve_tables)  # no gathers
+    flops = 6 * n * tokens  # matmul FLOPs per step; attention's extra (windowed) is left out: a lower bound
+    peak = 989e12  # H100 SXM dense bf16
+    return dict(model="medium_x01, 1 GPU", ms_per_step=ms, tokens_per_s=tokens / ms * 1000,
+                mfu=flops / (ms / 1000) / peak)
+
+
+def main(argv=None):
+    import argparse
+    from tabulate import tabulate
+    ap = argparse.ArgumentParser(prog="python -m embxlib.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["training", "analysis"], default=None)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration (median reported)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    ap.add_argument("--out", default="bench/out/bench.json")
+    args = ap.parse_args(argv)
+    result = {}
+    if args.only in (None, "training"):
+        import torch
+        result["training"] = bench_training(steps=args.steps, compile_modes=(False,) if args.no_compile else (False, True))
+        result["threads"] = torch.get_num_threads()
+        print(tabulate(result["training"], headers="keys", tablefmt="github", floatfmt=".3f"))
+        gpu = bench_gpu()
+        if gpu:
+            result["gpu"] = gpu
+            print(tabulate([gpu], headers="keys", tablefmt="github", floatfmt=".3f"))
+    if args.only in (None, "analysis"):
+        result["analysis"] = bench_analysis()
+        print(tabulate([[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in result["analysis"].items()],
+                       headers=["analysis", "value"], tablefmt="github"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -124,3 +124,11 @@ def test_softcap_bounds_logits():
         m.lm_head_w.normal_(0, 100)
     z = m(tokens())
     assert z.abs().max() <= 15.0 and z.abs().max() > 14.0
+
+
+def test_softcap_backward_matches_autograd():
+    from embxlib.model import SoftCap
+    z = (torch.randn(64, 50, dtype=torch.float64) * 20).requires_grad_()
+    torch.autograd.gradcheck(lambda t: SoftCap.apply(t, 15.0), (z,))
+    ref = 15.0 * z * torch.rsqrt(z.square() + 225.0)
+    torch.testing.assert_close(SoftCap.apply(z, 15.0), ref)

@@ -234,6 +234,8 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     ap.add_argument("--out", default="bench/out/bench.json")
     args = ap.parse_args(argv)
+    from embxlib.train import keep_freed_memory
+    keep_freed_memory()  # as train.py does; both models below run in this process, under the same allocator
     result = {}
     if args.only in (None, "training"):
         import torch

@@ -132,3 +132,46 @@ def test_softcap_backward_matches_autograd():
     torch.autograd.gradcheck(lambda t: SoftCap.apply(t, 15.0), (z,))
     ref = 15.0 * z * torch.rsqrt(z.square() + 225.0)
     torch.testing.assert_close(SoftCap.apply(z, 15.0), ref)
+
+
+def _reference_loss(x, w, y, c=15.0):
+    """The unfused graph: LM head, soft-cap and mean cross-entropy through autograd."""
+    z = F.linear(x, w).float()
+    return F.cross_entropy(c * z * torch.rsqrt(z.square() + c * c), y)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 8192])
+def test_fused_head_loss_matches_autograd(chunk):
+    from embxlib.model import HeadLoss
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(300, 16, generator=g, dtype=torch.float64) * 3).requires_grad_()  # large logits: the cap bites
+    y = torch.randint(0, 300, (50,), generator=g)
+    ref = _reference_loss(x, w, y)
+    gx, gw = torch.autograd.grad(2.5 * ref, (x, w))  # a non-unit incoming gradient, as under grad accumulation
+    out = HeadLoss.apply(x, w, y, 15.0, True, chunk)
+    fx, fw = torch.autograd.grad(2.5 * out, (x, w))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(fx, gx)
+    torch.testing.assert_close(fw, gw)
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        torch.testing.assert_close(HeadLoss.apply(x, w, y, 15.0, False, chunk), ref.detach())
+
+
+def test_model_loss_is_the_same_fused_or_not():
+    torch.manual_seed(0)
+    m = GPT(small(extra_embeds=1))
+    with torch.no_grad():
+        m.lm_head_w.normal_(0, 0.5)
+    idx, y = tokens(), tokens(seed=1)
+    losses, grads = [], []
+    for fused in (True, False):
+        m.fused_loss = fused  # (None, the default, is True on CPU)
+        loss = m(idx, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in m.parameters()])
+        m.zero_grad()
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

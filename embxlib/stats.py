@@ -101,6 +101,32 @@ def final_stats(df: pd.DataFrame, threshold: float = 2.92, alpha: float = 0.05, 
     return pd.DataFrame(rows)
 
 
+def compare_to_baseline(df: pd.DataFrame, baseline: str, variants=None) -> pd.DataFrame:
+    """One row per variant (baseline first): runs, final loss mean/std (ddof=1), training ms per step, and a
+    two-sided Welch test of the final losses against the baseline's (diff < 0: the variant ends lower).
+    Two-sided because an added table can hurt as well as help (removing value embeddings, token lambdas)."""
+    finals = final_points(df)
+    finals = finals[np.isfinite(finals["val_loss"])]
+    order = [baseline] + [v for v in (variants if variants is not None else pd.unique(finals["variant"]))
+                          if v != baseline]
+    base = finals.loc[finals["variant"] == baseline, "val_loss"].to_numpy()
+    rows = []
+    for v in order:
+        g = finals[finals["variant"] == v]
+        if g.empty:
+            continue
+        loss = g["val_loss"].to_numpy()
+        row = {"variant": v, "n": len(g), "loss_mean": float(loss.mean()),
+               "loss_std": float(loss.std(ddof=1)) if len(g) > 1 else float("nan"),
+               "ms_per_step": float((1000 * g["train_time_s"] / g["step"]).median())}
+        if v != baseline and len(g) > 1 and len(base) > 1:
+            w = welch_test(loss, base, alternative="two-sided")
+            row.update(diff=w["diff"], t_stat=w["t_stat"], p_two_sided=w["p_value"],
+                       step_time_ratio=row["ms_per_step"] / rows[0]["ms_per_step"] if rows else float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # averaging repeated runs: interpolate onto a common grid first, then mean and band
 

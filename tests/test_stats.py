@@ -10,6 +10,7 @@ from scipy import stats as scipy_stats
 from embxlib.runs import load_runs, select
 from embxlib.stats import (
     average_runs,
+    compare_to_baseline,
     crossing_order,
     crossings,
     describe,
@@ -110,6 +111,26 @@ def test_final_stats_with_a_baseline():
     assert table.loc["new", "loss_mean"] == pytest.approx(2.1) and table.loc["base", "time_s_mean"] == 102
     assert table.loc["new", "welch_p_vs_baseline"] == pytest.approx(welch_test([2.0, 2.2], [2.4, 2.6])["p_value"])
     assert np.isnan(table.loc["base", "welch_p_vs_baseline"])
+
+
+def test_compare_to_baseline_by_hand():
+    # finals: base 2.4, 2.6 at 100 s and 104 s for 10 steps; new 2.0, 2.2 at 120 s and 126 s; odd one diverged
+    df = pd.DataFrame({
+        "run": ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"],
+        "variant": ["new"] * 4 + ["base"] * 4 + ["new"] * 2,
+        "step": [0, 10] * 5,
+        "train_time_s": [0, 120, 0, 126, 0, 100, 0, 104, 0, 90],
+        "val_loss": [9, 2.0, 9, 2.2, 9, 2.4, 9, 2.6, 9, float("nan")],
+    })
+    table = compare_to_baseline(df, "base")
+    assert list(table["variant"]) == ["base", "new"]  # baseline first, whatever the input order
+    new = table.set_index("variant").loc["new"]
+    assert new["n"] == 2 and new["loss_mean"] == pytest.approx(2.1)
+    assert new["loss_std"] == pytest.approx(np.std([2.0, 2.2], ddof=1))
+    assert new["ms_per_step"] == pytest.approx(12300) and new["step_time_ratio"] == pytest.approx(12300 / 10200)
+    ref = scipy_stats.ttest_ind([2.0, 2.2], [2.4, 2.6], equal_var=False)  # two-sided
+    assert new["diff"] == pytest.approx(-0.4) and new["p_two_sided"] == pytest.approx(ref.pvalue)
+    assert new["t_stat"] == pytest.approx(ref.statistic)
 
 
 def test_final_stats_leave_out_diverged_runs():

@@ -287,23 +287,23 @@ class HeadLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         dx = torch.empty_like(x) if grads else None
         dw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        cc = torch.tensor(c * c, dtype=torch.float32, device=x.device)
         for i in range(0, n, chunk):
             xs, ys = xm[i:i + chunk], targets[i:i + chunk, None]
             z = (xs @ wm.mT).float()
-            r = z.square().add_(c * c).rsqrt_()
-            z.mul_(r).mul_(c)  # z is now the capped logits
+            cr = torch.addcmul(cc, z, z).rsqrt_().mul_(c)  # c / sqrt(z^2 + c^2)
+            z.mul_(cr)  # z is now the capped logits
             logp = torch.log_softmax(z, dim=1)
             loss -= logp.gather(1, ys).sum()
-            if grads:  # d loss / d z_capped = softmax - onehot; times d cap / d z = (c r)^3; mean over n rows
-                p = logp.exp_()
+            if grads:  # d loss / d z_capped = softmax - onehot; times d cap / d z = (c r)^3; the mean's 1/n
+                p = logp.exp_()  # is applied to the small matmul outputs below, not to this big tensor
                 p.scatter_add_(1, ys, torch.full_like(ys, -1, dtype=p.dtype))
-                p.mul_(r.mul_(c).pow_(3)).div_(n)
-                p = p.to(dtype)
-                dx[i:i + chunk] = p @ wm
+                p = p.mul_(cr.pow_(3)).to(dtype)
+                dx[i:i + chunk] = (p @ wm).div_(n)
                 if p.dtype == dw.dtype:
-                    dw.addmm_(p.mT, xs)
+                    dw.addmm_(p.mT, xs, alpha=1 / n)
                 else:
-                    dw.add_(p.mT @ xs)
+                    dw.add_(p.mT @ xs, alpha=1 / n)
         if grads:
             ctx.save_for_backward(dx, dw.to(w.dtype))
         return loss / n

@@ -47,6 +47,45 @@ def figure(fig, slug: str, name: str, alt: str = "", root=None):
     return Markdown(f"![{alt or name[:-4]}](../../images/{slug}/{name})")
 
 
+def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str = "std", zoom_from=None,
+               alpha: float = 0.05, root=None):
+    """A post section comparing variants with a baseline, computed from the validation table `val`: mean curves
+    per step (all steps and from `zoom_from` on) and per training time, saved as images/<slug>/<prefix>-*.png, and
+    the final-loss table with two-sided Welch tests (stats.compare_to_baseline), each followed by what it shows
+    at level `alpha`. Returns the Markdown to display."""
+    from IPython.display import Markdown
+
+    from embxlib import plots, stats
+
+    order = [baseline] + [v for v in variants if v != baseline]
+    df = val[val["variant"].isin(order)]
+    df = df.assign(_order=df["variant"].map(order.index)).sort_values(["_order", "run", "step"]).drop(columns="_order")
+    last = int(df["step"].max())
+    parts = [figure(plots.plot_val_loss(df, x="step", average=True, band=band), slug, f"{prefix}-step.png",
+                    f"{prefix}: validation loss per step", root).data]
+    if zoom_from is not None:
+        parts.append(figure(plots.plot_val_loss(df, x="step", xlim=(zoom_from, last), average=True, band=band), slug,
+                            f"{prefix}-step-{zoom_from}-{last}.png", f"{prefix}: steps {zoom_from}-{last}", root).data)
+    parts.append(figure(plots.plot_val_loss(df, x="train_time_s", average=True, band=band), slug, f"{prefix}-time.png",
+                        f"{prefix}: validation loss per training time", root).data)
+    table = stats.compare_to_baseline(df, baseline, order)
+    cols = [c for c in ("variant", "n", "loss_mean", "loss_std", "diff", "t_stat", "p_two_sided", "ms_per_step",
+                        "step_time_ratio") if c in table]
+    parts.append(table[cols].to_markdown(index=False, floatfmt=".4g"))
+    lines = []
+    for row in table.itertuples():
+        if row.variant == baseline or not hasattr(row, "p_two_sided") or row.p_two_sided != row.p_two_sided:
+            continue
+        if row.p_two_sided < alpha:
+            verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {baseline} (p = {row.p_two_sided:.3f})"
+        else:
+            verdict = (f"no difference from {baseline} shown at this sample size (p = {row.p_two_sided:.2f}; "
+                       f"mean difference {row.diff:+.4f})")
+        lines.append(f"- **{row.variant}** ({row.n} runs): {verdict}.")
+    parts.append("\n".join(lines))
+    return Markdown("\n\n".join(parts))
+
+
 def _clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Drop parameter cells, mark code inputs hidden unless tagged show, keep only text-like outputs, and strip
     every execution timestamp and volatile metadata."""

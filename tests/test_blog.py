@@ -64,3 +64,26 @@ def test_render_fixture_post(tmp_path):
 def test_default_slug():
     assert blog.default_slug("nbs/blog_x0.ipynb") == "x0"
     assert blog.default_slug("nbs/post.ipynb") == "post"
+
+
+def test_comparison_section(tmp_path):
+    """Three seeds of a baseline and two variants: one clearly lower, one the same up to noise."""
+    import numpy as np
+    import pandas as pd
+    rows = []
+    finals = {"base": [3.00, 3.01, 2.99], "better": [2.80, 2.81, 2.79], "same": [3.005, 2.995, 3.01]}
+    for variant, ends in finals.items():
+        for seed, end in enumerate(ends):
+            for step in (0, 50, 100):
+                loss = 10.0 if step == 0 else end + (0.5 if step == 50 else 0.0)
+                rows.append(dict(run=f"{variant}-s{seed}", variant=variant, step=step,
+                                 train_time_s=step * (1.2 if variant == "better" else 1.0), val_loss=loss))
+    val = pd.DataFrame(rows)
+    md = blog.comparison(val, ["better", "same"], "base", "demo", "cmp", zoom_from=50, root=tmp_path).data
+    for name in ("cmp-step.png", "cmp-step-50-100.png", "cmp-time.png"):
+        assert (tmp_path / "images" / "demo" / name).is_file() and f"images/demo/{name}" in md
+    assert "**better** (3 runs): final loss lower than base" in md
+    assert "**same** (3 runs): no difference from base shown" in md
+    table_line = next(line for line in md.splitlines() if line.startswith("| better"))
+    assert "1.2" in table_line  # 1.2x the baseline's ms per step
+    assert np.isclose(float(table_line.split("|")[5]), np.mean(finals["better"]) - np.mean(finals["base"]))

@@ -53,6 +53,7 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
     per step (all steps and from `zoom_from` on) and per training time, saved as images/<slug>/<prefix>-*.png, and
     the final-loss table with two-sided Welch tests (stats.compare_to_baseline), each followed by what it shows
     at level `alpha`. Returns the Markdown to display."""
+    import pandas as pd
     from IPython.display import Markdown
 
     from embxlib import plots, stats
@@ -74,7 +75,7 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
     parts.append(table[cols].to_markdown(index=False, floatfmt=".4g"))
     lines = []
     for row in table.itertuples():
-        if row.variant == baseline or not hasattr(row, "p_two_sided") or row.p_two_sided != row.p_two_sided:
+        if row.variant == baseline or pd.isna(getattr(row, "p_two_sided", None)):
             continue
         if row.p_two_sided < alpha:
             verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {baseline} (p = {row.p_two_sided:.3f})"

@@ -273,8 +273,9 @@ class HeadLoss(torch.autograd.Function):
     the logits, the cap's rsqrt and the log-softmax, and walks over each several times more in backward; here each
     chunk of rows is multiplied, capped, soft-maxed and multiplied back in place, and only the gradients of x and W
     are kept (the loss ends the graph, so backward just scales them). At most `chunk` rows of logits exist at once
-    (a medium micro-batch of 65,536 tokens would otherwise hold 13 GB of fp32 logits). The LM head and loss are
-    most of a tiny CPU step: this made it about 1.3x faster (python -m embxlib.bench)."""
+    (a medium micro-batch of 65,536 tokens would otherwise hold 13 GB of fp32 logits). On a tiny CPU step it is a
+    few percent faster than the autograd graph once freed memory stays in the process (train.keep_freed_memory);
+    without that it was about 1.3x, most of it fewer fresh allocations."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, targets: Tensor, c: float, grad_enabled: bool = True,

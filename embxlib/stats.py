@@ -122,7 +122,7 @@ def compare_to_baseline(df: pd.DataFrame, baseline: str, variants=None) -> pd.Da
         if v != baseline and len(g) > 1 and len(base) > 1:
             w = welch_test(loss, base, alternative="two-sided")
             row.update(diff=w["diff"], t_stat=w["t_stat"], p_two_sided=w["p_value"],
-                       step_time_ratio=row["ms_per_step"] / rows[0]["ms_per_step"] if rows else float("nan"))
+                       step_time_ratio=row["ms_per_step"] / rows[0]["ms_per_step"])  # rows[0]: the baseline
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -39,6 +40,7 @@ class Config:
     attn_block_size: int = 64  # granularity of the window schedule in tokens (upstream 128, FlexAttention's block)
     attn_scale: float = 0.17  # softmax scale on QK-normed heads (upstream 0.12 at head_dim 128)
     logit_softcap: float = 15.0  # ISRU soft-cap of the logits: c * z / sqrt(z^2 + c^2)
+    precision: str = "bf16"  # bf16: upstream's policy (bf16 tables, blocks and residual, fp32 master weights); fp32: all fp32
 
     # --- embedding variants (the subject of the seed experiments) ---
     extra_embeds: int = 0  # N extra input embeddings x01..x0N mixed into the residual before every block
@@ -75,6 +77,7 @@ class Config:
     target_val_loss: float = 6.0  # loss whose first crossing is reported in summary.json (medium: 2.92)
     save_every: int = 0  # also checkpoint every this many steps (0: only at the end)
     data_dir: str = "data/shakespeare"  # folder of *_train_*.bin / *_val_*.bin shards
+    repeat_data: bool = False  # allow more than one pass over the training shards (off: refuse to start, as upstream stops)
 
     # --- compilation (seed 003 compares runs with and without coordinate_descent_tuning) ---
     compile: bool = False  # torch.compile the model
@@ -227,6 +230,8 @@ class Config:
             bad("device", "allowed: auto, cpu, cuda")
         if self.attention not in ("auto", "flex", "sdpa"):
             bad("attention", "allowed: auto, flex, sdpa")
+        if self.precision not in ("bf16", "fp32"):
+            bad("precision", "allowed: bf16 (upstream), fp32")
         if world_size is not None:
             self.grad_accum_steps(world_size)
             self.val_steps(world_size)
@@ -250,7 +255,14 @@ class Config:
 
 
 def next_multiple(v: float, n: int) -> int:
-    return max(n, -(-int(v) // n) * n) if v > 0 else n
+    """The smallest multiple of n that is >= v and >= n, v a float, as upstream's next_multiple_of_n (which rounds the
+    float up: 256.5 -> 384 for n = 128, where truncating to an int first would give 256)."""
+    k = max(1, math.ceil(v / n))
+    while k > 1 and (k - 1) * n >= v:  # v / n can round across an integer; settle it on the exact comparison
+        k -= 1
+    while k * n < v:
+        k += 1
+    return k * n
 
 
 def variant_name(cfg: Config) -> str:
@@ -266,6 +278,8 @@ def variant_name(cfg: Config) -> str:
         parts.append("velayers")
     if cfg.token_lambdas:
         parts.append(f"tl{cfg.token_lambdas}")
+    if cfg.precision != "bf16":
+        parts.append(cfg.precision)
     return "-".join(parts)
 
 

@@ -150,19 +150,18 @@ def _batches(cfg, device):
 def embxlib_step(cfg, device="cpu", compile=False):
     """One full training step of embxlib's model and optimisers (the same calls as train.py)."""
     import torch
-    from embxlib.model import GPT, window_schedule
+    from embxlib.model import GPT, window_blocks
     from embxlib.optim import apply_schedules, build_optimizers
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     adam, muon = build_optimizers(model, cfg)
     fwd = torch.compile(model, dynamic=False) if compile else model
     batches, accum = _batches(cfg, device), cfg.grad_accum_steps(1)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device != "cpu")
+    window = torch.tensor(window_blocks(cfg.num_iterations // 2, cfg), dtype=torch.int32, device=device)
 
     def step():
         for x, y in batches:
-            with amp:
-                loss = fwd(x, y, masks=model.masks(x, window_schedule(cfg.num_iterations // 2, cfg))) / accum
+            loss = fwd(x, y, window) / accum
             loss.backward()
         apply_schedules(cfg.num_iterations // 2, cfg, adam, muon)
         adam.step()

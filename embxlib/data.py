@@ -2,13 +2,14 @@
 distributed token stream, and the FineWeb downloader for GPU users.
 
     python -m embxlib.data build-corpus --out data/shakespeare
-    python -m embxlib.data fineweb --chunks 9 --out data/fineweb10B
+    python -m embxlib.data fineweb --for-preset medium_x01     # the 30 chunks (3 B tokens) the x01 record reads
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -142,39 +143,92 @@ def build_corpus(out: str | Path, shard_tokens: int = 10**6) -> dict:
 # --- the token stream ---------------------------------------------------------------------------
 
 class TokenStream:
-    """Contiguous stream over shards, as upstream: each micro-step takes world_size consecutive windows of
-    seq_len + 1 tokens and rank r takes the r-th, so any (world_size, grad_accum) with the same global batch
-    sees the same tokens. Wraps to the first shard at the end (the small corpus would otherwise run out)."""
+    """Contiguous stream over shards, as upstream's loader: each step takes the next batch of world_size x accum x
+    seq_len tokens (+1 for the last target), moving to the next shard when pos + batch + 1 >= the shard's length, and
+    micro-step m of rank r reads the (m * world_size + r)-th seq_len window of it. So any (world_size, accum) with
+    the same global batch sees the same tokens in the same sequences, and 8 ranks see exactly upstream's.
+    At the end of the last shard it stops with DataExhausted, as upstream; with repeat=True it starts the shards
+    again and counts epochs."""
 
-    def __init__(self, files: list[str], seq_len: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, files: list[str], seq_len: int, rank: int = 0, world_size: int = 1, accum: int = 1,
+                 repeat: bool = False):
         self.files, self.seq_len, self.rank, self.world_size = files, seq_len, rank, world_size
-        self.shard_idx, self.pos, self.epoch = 0, 0, 0
+        self.accum, self.repeat = accum, repeat
+        self.batch = world_size * accum * seq_len
+        self.shard_idx, self.pos, self.micro, self.epoch = 0, 0, 0, 0
         self.tokens = read_shard(files[0])
 
     def next(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        span = self.world_size * self.seq_len
-        if self.pos + span + 1 > len(self.tokens):
-            self._advance()
-        start = self.pos + self.rank * self.seq_len
+        if self.micro == 0:
+            while self.pos + self.batch + 1 >= len(self.tokens):
+                self._advance()
+        start = self.pos + (self.micro * self.world_size + self.rank) * self.seq_len
         buf = torch.from_numpy(self.tokens[start: start + self.seq_len + 1].astype(np.int64))
-        self.pos += span
+        self.micro += 1
+        if self.micro == self.accum:
+            self.micro, self.pos = 0, self.pos + self.batch
         x, y = buf[:-1].to(device, non_blocking=True), buf[1:].to(device, non_blocking=True)
         return x[None].int(), y[None]
 
     def _advance(self):
         self.shard_idx += 1
         if self.shard_idx == len(self.files):
+            if not self.repeat:
+                raise DataExhausted(f"the {len(self.files)} shard(s) from {self.files[0]} on are used up after epoch "
+                                    f"{self.epoch + 1}; more shards, fewer steps, or repeat_data=True")
+            if steps_available(self.files, self.batch) == 0:  # (checked before training; here for direct users)
+                raise DataExhausted(f"no shard of {self.files} holds one batch of {self.batch} tokens + 1")
             self.shard_idx, self.epoch = 0, self.epoch + 1
         self.tokens, self.pos = read_shard(self.files[self.shard_idx]), 0
-        if len(self.tokens) < self.world_size * self.seq_len + 1:
-            raise ShardError(f"{self.files[self.shard_idx]}: {len(self.tokens)} tokens, fewer than one step needs")
 
     def state_dict(self) -> dict:
-        return dict(shard_idx=self.shard_idx, pos=self.pos, epoch=self.epoch)
+        return dict(shard_idx=self.shard_idx, pos=self.pos, micro=self.micro, epoch=self.epoch)
 
     def load_state_dict(self, d: dict) -> None:
         self.shard_idx, self.pos, self.epoch = d["shard_idx"], d["pos"], d["epoch"]
+        self.micro = d.get("micro", 0)
         self.tokens = read_shard(self.files[self.shard_idx])
+
+
+class DataExhausted(RuntimeError):
+    pass
+
+
+def shard_tokens(path: str | Path) -> int:
+    """The token count in a shard's header (the header is checked; the tokens are not read)."""
+    return len(read_shard(path))
+
+
+def steps_available(files: list[str], batch_tokens: int) -> int:
+    """How many batches of batch_tokens the stream takes from these shards in one pass (each shard's tail that
+    is shorter than a batch + 1 is skipped, as upstream)."""
+    return sum(max(0, (shard_tokens(f) - 2) // batch_tokens) for f in files)
+
+
+def check_enough_data(train_files: list[str], val_files: list[str], cfg, world_size: int) -> str:
+    """Raise ValueError when the shards cannot feed the run; return a one-line description of the data."""
+    batch = cfg.train_batch_tokens
+    have = steps_available(train_files, batch)
+    total = sum(shard_tokens(f) for f in train_files)
+    desc = (f"{len(train_files)} train shard(s), {total:,} tokens: {have} steps of {batch:,} tokens per pass; "
+            f"the run takes {cfg.num_iterations}")
+    if have == 0:
+        raise ValueError(f"data_dir={cfg.data_dir!r}: no train shard holds one step of train_batch_tokens={batch:,} "
+                         f"tokens (+1); {desc}")
+    if have < cfg.num_iterations and not cfg.repeat_data:
+        per_shard = have / len(train_files)
+        more = math.ceil((cfg.num_iterations - have) / per_shard)
+        hint = (f"`python -m embxlib.data fineweb --for-preset {cfg.preset}`" if "fineweb" in cfg.data_dir
+                else f"about {more} more shard(s) like these")
+        raise ValueError(f"data_dir={cfg.data_dir!r}: {desc} (x{cfg.num_iterations / have:.2f}): the data would run "
+                         f"out at step {have}. Get more data ({hint}), lower num_iterations, or set repeat_data=True "
+                         f"to go over it again (epochs are logged)")
+    val_batch = world_size * cfg.val_seq_len
+    val_have = steps_available(val_files, val_batch)
+    if val_have < cfg.val_steps(world_size):
+        raise ValueError(f"data_dir={cfg.data_dir!r}: the val shards hold {val_have} batches of {val_batch:,} tokens; "
+                         f"val_tokens={cfg.val_tokens:,} needs {cfg.val_steps(world_size)}")
+    return desc + (f" ({cfg.num_iterations / have:.2f} passes, repeat_data)" if have < cfg.num_iterations else "")
 
 
 # --- FineWeb (GPU users; the hub is not reachable from CI) --------------------------------------
@@ -186,7 +240,7 @@ def fineweb_filenames(num_chunks: int) -> list[str]:
     return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_chunks + 1)]
 
 
-def download_fineweb(num_chunks: int = 9, local_dir: str | Path = "data/fineweb10B", repo_id: str = FINEWEB_REPO,
+def download_fineweb(num_chunks: int, local_dir: str | Path = "data/fineweb10B", repo_id: str = FINEWEB_REPO,
                      fetch=None) -> list[Path]:
     """Fetch the val shard and train chunks 1..num_chunks (10^8 tokens each) as upstream's cached_fineweb10B.
     Files already present and valid are kept; every file is checked with read_shard. `fetch(repo_id, filename,
@@ -222,23 +276,63 @@ def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+FINEWEB_CHUNK_TOKENS = 10**8  # tokens per train chunk of kjj0/fineweb10B-gpt2 (103 chunks)
+
+
+def fineweb_chunks_for(cfg) -> int:
+    """Train chunks a config reads in one pass: each 10^8-token chunk gives (10^8 - 2) // batch steps (medium_x01:
+    190 of 524,288 tokens, so 5690 steps need 30 chunks; Record 8's 5960 need 32)."""
+    per_chunk = (FINEWEB_CHUNK_TOKENS - 2) // cfg.train_batch_tokens
+    return math.ceil(cfg.num_iterations / per_chunk)
+
+
 def main(argv=None):
+    from .config import PRESETS
     ap = argparse.ArgumentParser(prog="python -m embxlib.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-corpus", help="tokenize the bundled Shakespeare corpus into shards")
     b.add_argument("--out", default="data/shakespeare")
     f = sub.add_parser("fineweb", help="download FineWeb 10B GPT-2 shards from the Hugging Face hub")
-    f.add_argument("--chunks", type=int, default=9)
+    amount = f.add_mutually_exclusive_group()
+    amount.add_argument("--for-preset", choices=sorted(p for p in PRESETS if p != "tiny"), default=None,
+                        help="fetch the chunks that preset reads (default: medium, 32 chunks, also enough for "
+                             "medium_x01's 30)")
+    amount.add_argument("--chunks", type=int, default=None, help="fetch train chunks 1..N (10^8 tokens each)")
     f.add_argument("--out", default="data/fineweb10B")
     f.add_argument("--repo-id", default=FINEWEB_REPO)
     args = ap.parse_args(argv)
     if args.cmd == "build-corpus":
         info = build_corpus(args.out)
         print(f"wrote {args.out}: {info}")
-    else:
-        paths = download_fineweb(args.chunks, args.out, args.repo_id)
-        print(f"{len(paths)} shards in {args.out}")
+        return
+    chunks = args.chunks
+    if chunks is None:
+        cfg = PRESETS[args.for_preset or "medium"]()
+        chunks = fineweb_chunks_for(cfg)
+        print(f"preset {cfg.preset}: {cfg.num_iterations} steps x {cfg.train_batch_tokens:,} tokens = "
+              f"{cfg.num_iterations * cfg.train_batch_tokens / 1e9:.2f} B tokens: {chunks} train chunks + the val shard")
+    try:
+        paths = download_fineweb(chunks, args.out, args.repo_id)
+    except ValueError as e:
+        ap.exit(2, f"error: {e}\n")
+    except Exception as e:  # no network, hub errors: say what failed and what is kept, not a traceback
+        if not _is_hub_error(e):
+            raise
+        have = len(glob.glob(str(Path(args.out) / "*.bin")))
+        ap.exit(1, f"error: could not download from the Hugging Face hub ({args.repo_id}): {type(e).__name__}: "
+                   f"{str(e).splitlines()[0] if str(e) else ''}\nThis needs network access to huggingface.co (or "
+                   f"HF_ENDPOINT set to a mirror); the {have} shard(s) already in {args.out} are kept and the next "
+                   f"run continues from them.\n")
+    print(f"{len(paths)} shards in {args.out}")
+
+
+def _is_hub_error(e: Exception) -> bool:
+    import huggingface_hub.errors as hub_errors
+    # OSError covers no connection, time-outs and an offline hub (LocalEntryNotFoundError); the HTTP client's own
+    # errors (httpx in huggingface_hub 1.x/2.x, requests before) are matched by module so neither is imported here
+    return (isinstance(e, (hub_errors.HfHubHTTPError, OSError))
+            or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3"))
 
 
 if __name__ == "__main__":

@@ -37,9 +37,24 @@ def orthogonalize(G: Tensor, coefficients=NS_COEFFICIENTS, eps: float = 1e-7, dt
     return (X.mT if tall else X).reshape(shape)
 
 
+def join_master(weight: Tensor, mantissa: Tensor) -> Tensor:
+    """The fp32 master weight of a bf16 parameter: its bits on top, the 16-bit mantissa buffer below (upstream's
+    mixed-precision Muon). A forward pass sees the master truncated (not rounded) to bf16."""
+    hi = weight.view(torch.int16).to(torch.int32) << 16
+    return (hi | (mantissa.view(torch.int16).to(torch.int32) & 0xFFFF)).view(torch.float32)
+
+
+def split_master(master: Tensor, weight: Tensor, mantissa: Tensor) -> None:
+    bits = master.view(torch.int32)
+    weight.view(torch.int16).copy_((bits >> 16).to(torch.int16))
+    mantissa.view(torch.int16).copy_(bits.to(torch.int16))  # the low half (the cast wraps)
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then orthogonalise, then a step scaled by sqrt(max(1, rows/cols)).
-    Groups may set `wd_mul` (upstream: 2 on the MLP). lr is multiplied by the schedule from outside."""
+    Groups may set `wd_mul` (upstream: 2 on the MLP). lr is multiplied by the schedule from outside.
+    bf16 parameters keep a uint16 mantissa buffer each: weight and buffer together are an fp32 master weight that
+    the step updates in fp32, as upstream."""
 
     def __init__(self, params, lr=0.025, momentum=0.95, weight_decay=0.01, coefficients=NS_COEFFICIENTS,
                  eps=1e-7, ns_dtype=torch.bfloat16, rank=0, world_size=1):
@@ -48,32 +63,68 @@ class Muon(torch.optim.Optimizer):
         self.coefficients, self.eps, self.ns_dtype = coefficients, eps, ns_dtype
         self.rank, self.world_size = rank, world_size
 
-    @torch.no_grad()
-    def step(self):
+    def _chunks(self):
+        """Parameters of one shape, largest first, in chunks of world_size: rank r updates the r-th of each chunk."""
         by_shape: dict[tuple, list] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 by_shape.setdefault(tuple(p.shape), []).append((p, group))
         for shape, items in sorted(by_shape.items(), key=lambda kv: -torch.Size(kv[0]).numel()):
             for base in range(0, len(items), self.world_size):
-                chunk = items[base: base + self.world_size]
-                for j, (p, group) in enumerate(chunk):
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                    buf, m = state["momentum_buffer"], group["momentum"]
-                    buf.lerp_(p.grad.float(), 1 - m)
-                    if j != self.rank:
-                        continue
-                    update = orthogonalize(torch.lerp(p.grad.float(), buf, m), self.coefficients, self.eps, self.ns_dtype)
-                    rows, cols = p.shape[-2:]
-                    p.mul_(1 - group["lr"] * group["weight_decay"] * group["wd_mul"])
-                    p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, rows / cols) ** 0.5)
-                if self.world_size > 1:
-                    mine = chunk[self.rank][0] if self.rank < len(chunk) else torch.empty(shape, dtype=chunk[0][0].dtype,
-                                                                                          device=chunk[0][0].device)
-                    outs = [p for p, _ in chunk] + [torch.empty_like(mine) for _ in range(self.world_size - len(chunk))]
-                    dist.all_gather(outs, mine.contiguous())
+                yield shape, items[base: base + self.world_size]
+
+    def _gather(self, chunk, tensors: list[Tensor]) -> None:
+        """Every rank receives the owner's version of tensors[j] (the j-th parameter's, or its state's)."""
+        if self.world_size == 1:
+            return
+        mine = tensors[self.rank] if self.rank < len(chunk) else torch.empty_like(tensors[0])
+        outs = tensors + [torch.empty_like(mine) for _ in range(self.world_size - len(chunk))]
+        dist.all_gather(outs, mine.contiguous())
+
+    @torch.no_grad()
+    def step(self):
+        for shape, chunk in self._chunks():
+            for j, (p, group) in enumerate(chunk):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    if p.dtype == torch.bfloat16:
+                        state["mantissa"] = torch.zeros_like(p, dtype=torch.uint16)
+                buf, m = state["momentum_buffer"], group["momentum"]
+                buf.lerp_(p.grad.float(), 1 - m)  # every rank keeps every buffer: rank 0's state is a checkpoint
+                if j != self.rank:
+                    continue
+                update = orthogonalize(torch.lerp(p.grad.float(), buf, m), self.coefficients, self.eps, self.ns_dtype)
+                rows, cols = p.shape[-2:]
+                decay, scale = group["lr"] * group["weight_decay"] * group["wd_mul"], group["lr"] * max(1, rows / cols) ** 0.5
+                if "mantissa" in state:
+                    master = join_master(p, state["mantissa"])
+                    master.mul_(1 - decay).add_(update, alpha=-scale)
+                    split_master(master, p, state["mantissa"])
+                else:
+                    p.mul_(1 - decay)
+                    p.add_(update.to(p.dtype), alpha=-scale)
+            self._gather(chunk, [p for p, _ in chunk])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts all state to its parameter's dtype on load; the state of a bf16 matrix is an fp32 momentum
+        # buffer and a uint16 mantissa (as upstream's), which must come back bit for bit
+        saved = {i: dict(st) for i, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        indices = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(indices, params):
+            for k, v in saved.get(i, {}).items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
+
+    @torch.no_grad()
+    def gather_state(self) -> None:
+        """Hand every rank the owners' mantissa buffers (each rank updates only its own parameters' buffers), so
+        that rank 0's state_dict is complete. Call on every rank before saving a checkpoint."""
+        for _, chunk in self._chunks():
+            if "mantissa" in self.state.get(chunk[0][0], {}):
+                # (as bf16: 16-bit payloads NCCL and gloo both carry; all_gather only copies the bits)
+                self._gather(chunk, [self.state[p]["mantissa"].view(torch.bfloat16) for p, _ in chunk])
 
 
 # --- building the optimisers --------------------------------------------------------------------

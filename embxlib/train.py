@@ -12,28 +12,34 @@ checkpoint.pt. Training time excludes validation, as upstream.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import ctypes
-import json
-import math
 import os
-import platform
-import subprocess
-import sys
-import time
-import traceback
-from datetime import datetime
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
+# upstream's allocator setting (large, changing activation sizes fragment the default allocator); read at the first
+# CUDA allocation, so set before torch is imported, unless the user chose otherwise
+if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
-from .config import Config, add_config_args, config_from_args
-from .data import TokenStream, shard_files
-from .model import GPT, count_params, window_schedule
-from .optim import apply_schedules, build_optimizers
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from datetime import datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from .config import Config, add_config_args, config_from_args  # noqa: E402
+from .data import TokenStream, check_enough_data, shard_files  # noqa: E402
+from .model import GPT, count_params, window_blocks  # noqa: E402
+from .optim import apply_schedules, build_optimizers  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -45,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config, parameter count and tokens "
                     "per step (model built on the meta device) and exit")
+    ap.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of processes to size "
+                    "gradient accumulation and memory for (default: WORLD_SIZE, or 1)")
     ap.add_argument("--run-dir", default=None, help="folder of this run (must not exist yet); default "
                     "<runs-root>/<date>_<name>_s<seed>")
     ap.add_argument("--runs-root", default="runs", help="parent of the default run folder")
     ap.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint "
                     "with its own config.json (no config flags allowed)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (validating and "
+                    "checkpointing there; the schedules stay those of num_iterations): a short look at a long run")
     ap.add_argument("--fail-at-step", type=int, default=-1, help="test-only fault injection: raise at this step")
     ap.add_argument("--fail-rank", type=int, default=0, help="test-only: the rank that raises")
     add_config_args(ap)
@@ -74,7 +84,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
             if args.run_dir and not is_new_run_dir(Path(args.run_dir)):
                 raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; runs are never "
                                  f"overwritten: choose another folder or --resume it")
-        cfg.validate(world)
+        cfg.validate(args.world_size or world if args.dry_run else world)
+        if not args.dry_run:
+            check_device(cfg)
     except ValueError as e:  # one line naming the field, not the whole usage text
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     return args, cfg
@@ -119,10 +131,18 @@ class Dist:
             dist.destroy_process_group()
 
 
+def check_device(cfg: Config) -> None:
+    """A medium preset where there is no GPU is a mistake, not a reason to train 600M parameters on a CPU."""
+    if cfg.device == "auto" and cfg.preset.startswith("medium") and not torch.cuda.is_available():
+        raise ValueError(f"preset={cfg.preset!r} is sized for GPUs (H100s) and CUDA is not available here; "
+                         f"use --preset tiny for a CPU run, or --device cpu to run {cfg.preset} on the CPU anyway")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available here; use --device cpu or auto")
+
+
 def resolve_device(cfg: Config) -> torch.device:
+    check_device(cfg)
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but CUDA is not available; use --device cpu or auto")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -178,16 +198,44 @@ class RunLog:
             self.log.close()
 
 
-def header_lines(cfg: Config, argv: list[str], world: int, accum: int, device: torch.device) -> list[str]:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or "unknown"
+        r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=ROOT)
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return [f"embxlib run: {' '.join(argv)}", f"git commit: {commit}", "config: " + json.dumps(cfg.to_dict()),
-            "=" * 100, f"Running Python {sys.version.split()[0]} on {platform.platform()}",
-            f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
-            f"device: {device}, world_size: {world}, grad_accum_steps: {accum}", "=" * 100]
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def provenance(run_dir: Path) -> str:
+    """The commit the run was made from; uncommitted changes to tracked files go to <run>/git.diff, so that the
+    commit plus that diff (`git apply`) is the code that ran."""
+    commit = (_git("rev-parse", "HEAD") or "").strip()
+    if not commit:
+        return "unknown (not a git checkout)"
+    diff = _git("diff", "HEAD", "--binary") or ""
+    if not diff:
+        return f"{commit} (clean)"
+    (run_dir / "git.diff").write_text(diff)
+    files = len((_git("diff", "HEAD", "--name-only") or "").split())
+    return f"{commit} + uncommitted changes to {files} tracked file(s), saved in git.diff"
+
+
+def header_lines(cfg: Config, argv: list[str], world: int, accum: int, device: torch.device, commit: str) -> list[str]:
+    lines = [f"embxlib run: {' '.join(argv)}", f"git commit: {commit}", "config: " + json.dumps(cfg.to_dict()),
+             "=" * 100, f"Running Python {sys.version.split()[0]} on {platform.platform()}",
+             f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
+    if device.type == "cuda":  # as upstream: the GPUs, their memory and driver
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if _has("nvidia-smi") else ""
+        lines += [torch.cuda.get_device_name(device), *smi.rstrip().splitlines()]
+    return lines + [f"device: {device}, world_size: {world}, grad_accum_steps: {accum}", "=" * 100]
+
+
+def _has(cmd: str) -> bool:
+    import shutil
+    return shutil.which(cmd) is not None
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -252,8 +300,10 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
             log.line(f"# resumed from {CHECKPOINT} with world_size {D.world}")
         else:
             log.write_json("config.json", cfg.to_dict())
-            for s in header_lines(cfg, argv, D.world, accum, device):
+            commit = provenance(run_dir) if D.rank == 0 else ""
+            for s in header_lines(cfg, argv, D.world, accum, device, commit):
                 log.line(s, console=False)
+            log.line("data: " + check_enough_data(train_files, val_files, cfg, D.world), console=False)
         summary = _train_loop(cfg, args, D, device, accum, val_steps, train_files, val_files, run_dir, log, summary)
     except BaseException as e:  # keep what we have, say what happened, then fail loudly
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -279,8 +329,7 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     num_params = sum(p.numel() for p in model.parameters())
     adam, muon = build_optimizers(model, cfg, D.rank, D.world)
     fwd = torch.compile(model, dynamic=False) if cfg.compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world)
+    stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world, accum, repeat=cfg.repeat_data)
     step, train_ms, history = 0, 0.0, []
     if args.resume:
         ck = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
@@ -296,12 +345,18 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    windows: dict[int, torch.Tensor] = {}
+
+    def window(step_idx) -> torch.Tensor:  # a tensor per window size: the compiled forward never recompiles for it
+        w = window_blocks(step_idx, cfg)
+        if w not in windows:
+            windows[w] = torch.tensor(w, dtype=torch.int32, device=device)
+        return windows[w]
+
     def train_step(step_idx, batches):
-        windows = window_schedule(step_idx, cfg)
         total = torch.zeros((), device=device)
         for x, y in batches:
-            with amp:
-                loss = fwd(x, y, masks=model.masks(x, windows)) / accum
+            loss = fwd(x, y, window(step_idx)) / accum
             loss.backward()
             total += loss.detach()
         D.all_reduce_grads(model.parameters())
@@ -323,15 +378,19 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
         del state
 
     N = cfg.num_iterations
+    stop = N if args.max_steps is None else min(N, args.max_steps)
     tokens_per_step = cfg.train_batch_tokens
+    peaks = PeakTracker(device)
     sync()
     t0 = time.perf_counter()
     while True:
-        last = step == N
+        last = step == stop
         if last or step % cfg.val_loss_every == 0:
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            val_loss, norms = evaluate(model, fwd, cfg, val_files, val_steps, D, device, amp, window_schedule(step, cfg))
+            peaks.end("train")
+            val_loss, norms = evaluate(model, fwd, cfg, val_files, val_steps, D, device, window(step))
+            peaks.end("val")
             history.append((step, val_loss, train_ms))
             log.line(f"step:{step}/{N} val_loss:{val_loss:.6f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -342,49 +401,75 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
             t0 = time.perf_counter()
         if last or (cfg.save_every and step and step % cfg.save_every == 0):
             train_ms += 1000 * (time.perf_counter() - t0)
+            muon.gather_state()  # (collective: every rank) the mantissas each rank updated for its own matrices
             save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg)
             t0 = time.perf_counter()
         if last:
             break
         if step == args.fail_at_step and D.rank == args.fail_rank:
             raise RuntimeError(f"injected fault at step {step} on rank {D.rank} (--fail-at-step)")
+        epoch = stream.epoch
         loss = train_step(step, [stream.next(device) for _ in range(accum)]).item()
+        if stream.epoch != epoch:
+            log.line(f"# data: epoch {stream.epoch + 1} of the training shards starts at step {step + 1} (repeat_data)")
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite train loss {loss} at step {step + 1}; stopping, logs kept in {run_dir}")
         step += 1
         now_ms = train_ms + 1000 * (time.perf_counter() - t0)
         log.line(f"step:{step}/{N} train_loss:{loss:.4f} train_time:{now_ms:.0f}ms step_avg:{now_ms / step:.2f}ms")
 
+    if stop < N:
+        log.line(f"# stopped at step {stop} of {N} (--max-steps); --resume continues it")
     target_hit = next(((s, t) for s, v, t in history if v <= cfg.target_val_loss), (None, None))
-    summary.update(status="finished", final_val_loss=history[-1][1], train_time_ms=train_ms, num_iterations=N,
+    summary.update(status="finished" if stop == N else "stopped", **peaks.summary(),
+                   final_val_loss=history[-1][1], train_time_ms=train_ms, num_iterations=N, steps=stop,
                    target_val_loss=cfg.target_val_loss, step_to_target=target_hit[0], time_to_target_ms=target_hit[1],
                    num_params=num_params, tokens_per_step=tokens_per_step,
-                   tokens_per_s=N * tokens_per_step / (train_ms / 1000) if train_ms else None,
+                   tokens_per_s=stop * tokens_per_step / (train_ms / 1000) if train_ms else None,
                    world_size=D.world, grad_accum_steps=accum, device=str(device), data_epochs=stream.epoch)
     if device.type == "cuda":
-        log.line(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+        log.line(f"peak memory allocated: {max(peaks.peak.values()) // 2**20} MiB "
                  f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     return summary
 
 
+class PeakTracker:
+    """Peak CUDA memory allocated during training steps and during validations, kept apart (validation holds the
+    long val_seq_len sequence, training the backward pass)."""
+
+    def __init__(self, device: torch.device):
+        self.on = device.type == "cuda"
+        self.peak = {"train": 0, "val": 0}
+
+    def end(self, phase: str) -> None:
+        if self.on:
+            self.peak[phase] = max(self.peak[phase], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    def summary(self) -> dict:
+        return {f"peak_memory_{k}_mib": v // 2**20 for k, v in self.peak.items()} if self.on else {}
+
+
+NORM_TOKENS = 8192  # the residual norms logged with each validation are measured on this many tokens
+
+
 @torch.no_grad()
-def evaluate(model, fwd, cfg, val_files, val_steps, D, device, amp, windows):
-    """Mean loss over the fixed first val_tokens of the val shards, and the RMS norm of the residual entering
-    each layer (first val batch of rank 0's view; averaged over ranks)."""
+def evaluate(model, fwd, cfg, val_files, val_steps, D, device, window):
+    """Mean loss over the fixed first val_tokens of the val shards, through the (compiled) model with the loss
+    in chunks of model.loss_chunk rows, as upstream's 4 chunks; and the RMS norm of the residual entering each
+    layer, from a second pass over the first NORM_TOKENS tokens of rank 0's first batch (all the activations of
+    a 262,144-token batch would not fit), averaged over ranks."""
     model.eval()
     stream = TokenStream(val_files, cfg.val_seq_len, D.rank, D.world)
     total = torch.zeros((), device=device)
-    norms = None
     for i in range(val_steps):
         x, y = stream.next(device)
-        masks = model.masks(x, windows)
-        with amp:
-            if i == 0:
-                acts: dict = {}
-                total += model(x, y, collect=acts, masks=masks)
-                norms = torch.stack([acts[f"x-{j}"].float().pow(2).mean().sqrt() for j in range(cfg.num_layers)])
-            else:
-                total += fwd(x, y, masks=masks)
+        total += fwd(x, y, window)
+        if i == 0:
+            acts: dict = {}
+            model.trunk(x[:, :min(NORM_TOKENS, x.size(1))], window, collect=acts)
+            norms = torch.stack([acts[f"x-{j}"].float().pow(2).mean().sqrt() for j in range(cfg.num_layers)])
+            del acts
     model.train()
     val = D.all_reduce_mean(total / val_steps).item()
     return val, D.all_reduce_mean(norms).tolist()
@@ -409,14 +494,17 @@ def _drop_metrics_from(run_dir: Path, step: int, active: bool) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def dry_run(cfg: Config) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def dry_run(cfg: Config, world: int) -> None:
+    from .memory import report
     print(cfg.to_json())
     print(f"variant: {cfg.name}")
     print(f"value embeddings per layer: {cfg.ve_map()}")
     print(f"parameters: {count_params(cfg):,}")
     print(f"tokens per step: {cfg.train_batch_tokens:,} (world_size {world} x train_seq_len {cfg.train_seq_len:,} "
           f"x grad_accum {cfg.grad_accum_steps(world)})")
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and (torch.cuda.is_available() or cfg.preset != "tiny"))
+    for line in report(cfg, world, device_type="cuda" if on_gpu else "cpu"):
+        print(line)
 
 
 @record  # under torchrun, a failing rank's traceback is reported as the root cause
@@ -424,15 +512,18 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = parse(argv)
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
         return
     keep_freed_memory()
     if os.environ.get("WORLD_SIZE", "1") != "1" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-    try:
-        shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val")
+    try:  # before any folder is made: the shards exist and hold enough tokens for the whole run
+        check_enough_data(shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val"), cfg,
+                          int(os.environ.get("WORLD_SIZE", "1")))
     except FileNotFoundError as e:
         sys.exit(f"error: data_dir={cfg.data_dir!r}: {e}")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     train(cfg, args, ["python -m embxlib.train", *argv])
 
 

@@ -44,7 +44,7 @@ def test_every_field_has_a_flag_and_help():
 
 def test_flags_override_preset(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    args, cfg = parse(["--preset", "medium", "--extra-embeds", "3", "--ve-remove", "0,13", "--no-compile"])
+    args, cfg = parse(["--preset", "medium", "--extra-embeds", "3", "--ve-remove", "0,13", "--no-compile", "--dry-run"])
     assert cfg.extra_embeds == 3 and cfg.ve_remove == (0, 13) and cfg.compile is False and cfg.num_layers == 16
     assert cfg.name == "x03-ve3-rm0-13"
     assert Config.from_dict(cfg.to_dict()) == cfg  # JSON round trip

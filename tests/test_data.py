@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 
 from embxlib.config import EOT_TOKEN
-from embxlib.data import (HEADER_INTS, MAGIC, ShardError, TokenStream, build_corpus, download_fineweb,
-                          fineweb_filenames, read_shard, sha256, tokenizer, write_shard)
+from embxlib.config import medium, medium_x01, tiny
+from embxlib.data import (HEADER_INTS, MAGIC, DataExhausted, ShardError, TokenStream, build_corpus, check_enough_data,
+                          download_fineweb, fineweb_chunks_for, fineweb_filenames, read_shard, sha256,
+                          steps_available, tokenizer, write_shard)
 
 
 def test_shard_round_trip(tmp_path):
@@ -65,13 +67,20 @@ def test_stream_splits_the_same_tokens_across_ranks(tmp_path):
     assert a1[0][0, 1:].tolist() == a1[1][0, :-1].tolist()  # targets are inputs shifted by one
 
 
-def test_stream_wraps_and_restores(tmp_path):
+def test_stream_stops_at_the_end_unless_told_to_repeat(tmp_path):
+    """As upstream: a batch is taken only while pos + batch + 1 < the shard's length; at the end the stream stops
+    (upstream's generator raises StopIteration); repeat=True starts again and counts epochs."""
     write_shard(tmp_path / "x_train_000000.bin", np.arange(100))
     files = [str(tmp_path / "x_train_000000.bin")]
     s = TokenStream(files, 30)
+    assert [s.next()[0][0, 0].item() for _ in range(3)] == [0, 30, 60]  # 90 + 30 + 1 >= 100: no fourth
+    with pytest.raises(DataExhausted, match="used up"):
+        s.next()
+    assert steps_available(files, 30) == 3
+    s = TokenStream(files, 30, repeat=True)
     seen = [s.next()[0][0, 0].item() for _ in range(5)]
     assert seen == [0, 30, 60, 0, 30] and s.epoch == 1
-    t = TokenStream(files, 30)
+    t = TokenStream(files, 30, repeat=True)
     t.load_state_dict(s.state_dict())
     assert t.next()[0].tolist() == s.next()[0].tolist()
 
@@ -98,3 +107,62 @@ def test_fineweb_download_from_a_hub_like_folder(tmp_path):
     assert calls == ["fineweb_train_000002.bin", "fineweb_train_000003.bin"]  # valid files are kept
     with pytest.raises(ValueError, match="num_chunks=-1"):
         download_fineweb(-1, out, fetch=fetch)
+
+
+def test_any_world_size_and_accumulation_read_the_same_sequences(tmp_path):
+    """A global batch of 4 sequences of 16 tokens, as 1 process x 4 micro-steps, 2 x 2 or 4 x 1, over shards of
+    uneven lengths: the same sequences step after step, including where a step moves to the next shard."""
+    files = []
+    for i, n in enumerate([150, 64 + 1 + 40, 333]):
+        write_shard(tmp_path / f"x_train_{i:06d}.bin", np.arange(n) + 1000 * i)
+        files.append(str(tmp_path / f"x_train_{i:06d}.bin"))
+    steps = steps_available(files, 64)
+    assert steps == 2 + 1 + 5
+
+    def sequences(world, accum):
+        streams = [TokenStream(files, 16, r, world, accum) for r in range(world)]
+        out = []
+        for _ in range(steps):
+            for _ in range(accum):
+                out += [tuple(s.next()[0][0].tolist()) for s in streams]
+        with pytest.raises(DataExhausted):
+            streams[0].next()
+        return out
+
+    one = sequences(1, 4)
+    assert one == sequences(2, 2) == sequences(4, 1)
+    assert one[8][0] == 1000  # step 3 starts the second shard: 150 tokens held only two batches of 64 (+1)
+
+
+def test_data_for_the_presets_from_the_reference():
+    """modded-nanogpt-medium.md section 3: the x01 record reads 5690 x 524,288 = 2.98 B tokens = 30 chunks, Record 8
+    5960 steps = 3.12 B = 32 chunks (a 10^8-token chunk holds 190 steps)."""
+    assert fineweb_chunks_for(medium_x01()) == 30 and fineweb_chunks_for(medium()) == 32
+
+
+def test_too_little_data_is_refused_naming_the_way_out(tmp_path, corpus):
+    from embxlib.data import shard_files
+    train, val = shard_files(corpus, "train"), shard_files(corpus, "val")
+    have = steps_available(train, 1024)
+    cfg = tiny(num_iterations=have + 1, data_dir=str(corpus))
+    with pytest.raises(ValueError, match=rf"run out at step {have}.*repeat_data=True"):
+        check_enough_data(train, val, cfg, 1)
+    assert "passes, repeat_data" in check_enough_data(train, val, tiny(num_iterations=have + 1, repeat_data=True), 1)
+    assert check_enough_data(train, val, tiny(num_iterations=have), 1).endswith(f"the run takes {have}")
+    with pytest.raises(ValueError, match="val_tokens=131,072 needs 128"):
+        check_enough_data(train, val, tiny(val_tokens=131072), 1)
+
+
+@pytest.mark.slow
+def test_fineweb_without_network_says_so(tmp_path):
+    """The real hub client, offline (HF_HUB_OFFLINE=1, what it does with no connection after its retries)."""
+    import subprocess
+    import sys
+    from conftest import python_env
+    r = subprocess.run([sys.executable, "-m", "embxlib.data", "fineweb", "--for-preset", "medium_x01", "--out",
+                        str(tmp_path / "fw")], capture_output=True, text=True, env=python_env(HF_HUB_OFFLINE="1"),
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "30 train chunks" in r.stdout
+    assert "could not download from the Hugging Face hub (kjj0/fineweb10B-gpt2)" in r.stderr
+    assert "network access to huggingface.co" in r.stderr

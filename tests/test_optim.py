@@ -4,8 +4,8 @@ import torch
 
 from embxlib.config import tiny
 from embxlib.model import GPT
-from embxlib.optim import (NS_COEFFICIENTS, Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum,
-                           orthogonalize)
+from embxlib.optim import (NS_COEFFICIENTS, Muon, apply_schedules, build_optimizers, join_master, lr_multiplier,
+                           muon_momentum, orthogonalize)
 
 TORCH_NS = ((3.4445, -4.7750, 2.0315),) * 5  # torch.optim.Muon's fixed coefficients, 5 steps
 
@@ -29,6 +29,46 @@ def test_muon_matches_torch_muon(shape):
     assert not torch.allclose(b.data, w0, atol=1e-3)
 
 
+def test_bf16_muon_keeps_an_exact_fp32_master_weight():
+    """Upstream's mixed precision: a bf16 matrix plus a uint16 mantissa buffer is an fp32 master weight. Stepping
+    it must give exactly what fp32 Muon gives on an fp32 copy (same gradients), and the bf16 weight the forward
+    pass sees is that master truncated, its top 16 bits."""
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 48, 32).bfloat16()  # a batch of matrices, like qkvo_w
+    half = torch.nn.Parameter(w0.clone())
+    full = torch.nn.Parameter(w0.float())  # the master starts at the bf16 value (mantissa 0), as upstream
+    opts = [Muon([p], lr=0.02, momentum=0.9, weight_decay=0.1, ns_dtype=torch.float32) for p in (half, full)]
+    for o in opts:
+        o.param_groups[0]["wd_mul"] = 2.0
+    for _ in range(5):
+        g = torch.randn(3, 48, 32).bfloat16()
+        half.grad, full.grad = g.clone(), g.float()
+        for o in opts:
+            o.step()
+        master = join_master(half.data, opts[0].state[half]["mantissa"])
+        assert torch.equal(master, full.data)  # bit for bit
+        truncated = (full.data.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+        assert torch.equal(half.data, truncated)
+    assert opts[0].state[half]["momentum_buffer"].dtype == torch.float32
+    assert not torch.equal(half.data, full.data.bfloat16())  # truncation is not rounding: the test can tell
+
+
+def test_muon_state_survives_a_checkpoint_bit_for_bit(tmp_path):
+    """torch's Optimizer.load_state_dict casts state to the parameter's dtype; ours keeps fp32 momentum and uint16
+    mantissas of bf16 matrices as saved."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(16, 8).bfloat16())
+    opt = Muon([p], ns_dtype=torch.float32)
+    p.grad = torch.randn(16, 8).bfloat16()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "m.pt")
+    q = torch.nn.Parameter(p.data.clone())
+    again = Muon([q], ns_dtype=torch.float32)
+    again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    for k, v in opt.state[p].items():
+        assert again.state[q][k].dtype == v.dtype and torch.equal(again.state[q][k], v), k
+
+
 def test_orthogonalize_makes_singular_values_near_one():
     torch.manual_seed(0)
     G = torch.randn(3, 128, 64)  # batched, as the q/k/v/o tensor is
@@ -38,8 +78,9 @@ def test_orthogonalize_makes_singular_values_near_one():
 
 
 def test_adam_groups_match_hand_built_adamw():
-    """Our groups (names, lrs, betas, eps) and the lr schedule reproduce a hand-built AdamW with upstream numbers."""
-    cfg = tiny(num_iterations=10, extra_embeds=1, token_lambdas="x01")
+    """Our groups (names, lrs, betas, eps) and the lr schedule reproduce a hand-built AdamW with upstream numbers
+    (in fp32: fused and foreach AdamW round bf16 parameters differently)."""
+    cfg = tiny(num_iterations=10, extra_embeds=1, token_lambdas="x01", precision="fp32")
     torch.manual_seed(0)
     model = GPT(cfg)
     adam, _ = build_optimizers(model, cfg)

@@ -81,6 +81,45 @@ def test_torchrun_two_processes_match_one(fast_args, tmp_path):
     assert a[4] < a[0]
 
 
+def test_four_and_eight_ranks_match_one_process(corpus, tmp_path):
+    """A global batch of 8 sequences: 1 process x 8 micro-steps, 4 ranks x 2, 8 ranks x 1. With 8 ranks Muon has
+    more ranks than matrices of one shape (6 MLP matrices of each shape, 5 attention ones): the padded all_gather.
+    Each rank updates only its own matrices' fp32 masters (bf16 + mantissa); the checkpoint must hold them all."""
+    import torch
+    from embxlib.optim import join_master
+    flags = ["--preset", "tiny", "--train-seq-len", "64", "--train-batch-tokens", "512", "--val-seq-len", "64",
+             "--val-tokens", "512", "--window-max", "64", "--num-iterations", "4", "--val-loss-every", "2",
+             "--data-dir", str(corpus)]
+    train.main([*flags, "--run-dir", str(tmp_path / "w1")])
+    for world in (4, 8):
+        r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                            "-m", "embxlib.train", *flags, "--run-dir", str(tmp_path / f"w{world}")],
+                           capture_output=True, text=True, env=python_env(), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        s = read_json(tmp_path / f"w{world}" / "summary.json")
+        assert (s["world_size"], s["grad_accum_steps"]) == (world, 8 // world)
+        a, b = val_losses(tmp_path / "w1"), val_losses(tmp_path / f"w{world}")
+        assert a.keys() == b.keys() == {0, 2, 4}
+        for step in a:  # bf16 gradients summed in another order: a few bf16 roundings apart
+            assert b[step] == pytest.approx(a[step], abs=2e-3), (world, step)
+    one = torch.load(tmp_path / "w1" / "checkpoint.pt", weights_only=True)
+    eight = torch.load(tmp_path / "w8" / "checkpoint.pt", weights_only=True)
+    masters_one, masters_eight = ([join_master(p, st["mantissa"]) for p, (_, st) in
+                                   zip(_muon_params(ck), sorted(ck["muon"]["state"].items()))] for ck in (one, eight))
+    assert len(masters_eight) == 17
+    for m1, m8 in zip(masters_one, masters_eight):
+        assert (m8.view(torch.int32) & 0xFFFF).any()  # every mantissa reached rank 0, not only its own
+        torch.testing.assert_close(m8, m1, atol=3e-3, rtol=0.05)
+
+
+def _muon_params(ck):
+    """The Muon parameters of a tiny checkpoint in the optimiser's order: attention matrices, then MLP ones."""
+    m = ck["model"]
+    attn = [m[k] for k in m if k.endswith("attn.qkvo_w")]
+    mlp = [m[k] for k in m if k.endswith(("mlp.fc_w", "mlp.proj_w"))]
+    return attn + mlp
+
+
 def test_killed_run_resumes_to_the_same_loss(fast_args, tmp_path):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     train.main(fast_args(full, "--num-iterations", "6", "--save-every", "2"))
@@ -118,3 +157,34 @@ def test_resume_refuses_config_flags(tmp_path):
     r = subprocess.run([PYTHON, "-m", "embxlib.train", "--resume", str(tmp_path), "--extra-embeds", "2"],
                        capture_output=True, text=True, env=python_env(), timeout=120)
     assert r.returncode == 2 and "--extra-embeds" in r.stderr
+
+
+def test_too_little_data_stops_before_the_run_folder(corpus, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"run out at step 1401.*repeat_data=True"):
+        train.main(["--preset", "tiny", "--num-iterations", "1500", "--data-dir", str(corpus), "--run-dir", str(run)])
+    assert not run.exists()
+
+
+def test_repeat_data_goes_round_and_logs_the_epochs(fast_args, tmp_path):
+    import numpy as np
+    from embxlib.data import read_shard, shard_files, write_shard
+    from conftest import CORPUS
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "s_train_000000.bin", read_shard(shard_files(CORPUS, "train")[0])[:1000])  # 3 steps of 256
+    write_shard(data / "s_val_000000.bin", read_shard(shard_files(CORPUS, "val")[0])[:1000])
+    with pytest.raises(SystemExit, match="run out at step 3"):
+        train.main(fast_args(tmp_path / "no", "--data-dir", str(data)))
+    train.main(fast_args(tmp_path / "yes", "--data-dir", str(data), "--repeat-data"))
+    log = (tmp_path / "yes" / "log.txt").read_text()
+    assert "# data: epoch 2 of the training shards starts at step 4 (repeat_data)" in log
+    assert "1.33 passes, repeat_data" in log and read_json(tmp_path / "yes" / "summary.json")["data_epochs"] == 1
+    assert np.isfinite(val_losses(tmp_path / "yes")[4])
+
+
+def test_allocator_setting_is_upstreams():
+    r = subprocess.run([PYTHON, "-c", "import os, embxlib.train; print(os.environ['PYTORCH_ALLOC_CONF'])"],
+                       capture_output=True, text=True, env={k: v for k, v in python_env().items()
+                                                            if "ALLOC_CONF" not in k})
+    assert r.stdout.strip() == "expandable_segments:True", r.stderr

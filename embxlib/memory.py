@@ -1,0 +1,153 @@
+"""Peak memory of one training step and of one validation step per process, computed without the hardware.
+
+The model and optimisers are built from fake tensors (shapes and dtypes, no storage) and one step is run under
+torch's MemTracker, which adds up the live tensor storage by kind (parameters, gradients, optimiser state,
+activations, temporaries) and keeps the peak. `python -m embxlib.train --preset medium_x01 --dry-run` prints it.
+
+device_type="cuda" follows the GPU path: FlexAttention, whose kernel the tracker cannot trace, is stood in for by a
+causal SDPA that keeps the same tensors for backward (q, k, v, output, log-sum-exp); the loss is the autograd graph
+eager PyTorch would keep (logits, soft-cap, log-softmax), so with torch.compile, which fuses the soft-cap and the
+cross-entropy, the real training peak is lower. device_type="cpu" is the CPU path exactly (dense SDPA masks,
+the chunked HeadLoss), which the tests hold against a real run.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .config import Config
+from .model import GPT
+from .optim import apply_schedules, build_optimizers
+
+GiB = 2**30
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of live tensor storage while active, and their peak: every storage an op returns is counted until
+    it is freed (a weak reference to the storage, so tensors that autograd keeps for backward count as long
+    as it keeps them). Works the same on real and on fake tensors. `tensors`: what is live already."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        super().__init__()
+        self._seen = WeakIdKeyDictionary()
+        self.now = self.peak = 0
+        for t in tensors:
+            self._track(t)
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st in self._seen:
+            return
+        n = st.nbytes()
+        self._seen[st] = n
+        weakref.finalize(st, self._free, n)
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def _free(self, n: int) -> None:
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
+
+
+def _bytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
+
+
+def measure(model: GPT, cfg: Config, train: bool = True, tokens: torch.Tensor | None = None) -> dict:
+    """Peak bytes of a training step (two micro-steps with an optimiser step each, so that the second backward runs
+    with the optimiser state in place) or of one validation batch, with the static parts broken out.
+    tokens: (1, T + 1) ids to use (default: random)."""
+    device = next(model.parameters()).device
+    T = cfg.train_seq_len if train else cfg.val_seq_len
+    if tokens is None:
+        tokens = torch.randint(0, cfg.vocab_size, (1, T + 1), device=device)
+    x, y = tokens[:, :-1].int(), tokens[:, 1:].long()
+    window = cfg.window_max // cfg.attn_block_size
+    params = list(model.parameters()) + list(model.buffers())
+    out = dict(parameters=_bytes(model.parameters()), buffers=_bytes(model.buffers()))
+    if train:
+        adam, muon = build_optimizers(model, cfg)
+        with PeakMemory(*params) as pm:
+            for _ in range(2):
+                model(x, y, window).backward()
+                out["gradients"] = _bytes(p.grad for p in model.parameters())
+                apply_schedules(cfg.num_iterations // 2, cfg, adam, muon)
+                adam.step()
+                muon.step()
+                model.zero_grad(set_to_none=True)
+        state = [t for opt in (adam, muon) for st in opt.state.values() for t in st.values()
+                 if isinstance(t, torch.Tensor) and t.dim()]
+        out["optimizer"] = _bytes(state)
+    else:
+        model.eval()
+        with PeakMemory(*params) as pm, torch.no_grad():
+            model(x, y, window)
+        model.train()
+    out["total"] = pm.peak
+    out["activations"] = pm.peak - sum(v for k, v in out.items() if k != "total")
+    return out
+
+
+def estimate(cfg: Config, device_type: str = "cuda") -> dict:
+    """Peak bytes by kind for one process of a run of cfg, on fake tensors: "train" and "val"; on the cuda path
+    with compile also "train_graph_loss", the eager autograd graph of the loss (torch.compile fuses it, so
+    "train" measures the loss chunked instead, which keeps about as little)."""
+    phases = {"train": True, "train_graph_loss": True, "val": False}
+    if device_type != "cuda" or not cfg.compile:
+        del phases["train_graph_loss"]
+    out = {}
+    for phase, train in phases.items():
+        with torch.device("meta"):
+            model = GPT(cfg)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = model.to_empty(device="cpu")  # fake: no storage is allocated
+            if device_type == "cuda":
+                model.fused_loss = phase != "train_graph_loss" and cfg.compile
+                model.masks = lambda idx, window=None: {"L": None, "S": None}  # causal SDPA for FlexAttention
+            out[phase] = measure(model, cfg, train=train)
+    return out
+
+
+# what upstream's own logs say (published/modded-nanogpt-logs): 8 x H100, compiled, training and validation
+UPSTREAM_PEAK_MIB = {"medium": 50380, "medium_x01": 53988}
+
+
+def report(cfg: Config, world_size: int, capacity: int | None = None, device_type: str = "cuda") -> list[str]:
+    """Lines for --dry-run: the estimates and whether they fit in `capacity` bytes (default: this machine's GPU,
+    else an H100's 80 GB; on the cpu path this machine's memory)."""
+    est = estimate(cfg, device_type)
+    if capacity is not None:
+        name = f"{capacity / GiB:.1f} GiB"
+    elif device_type == "cpu":
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        name = f"this machine's {capacity / GiB:.0f} GiB"
+    elif torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        capacity, name = props.total_memory, f"this {props.name} ({props.total_memory / GiB:.0f} GiB)"
+    else:
+        capacity, name = 80 * 10**9, "an H100 (80 GB)"
+    lines = [f"peak memory per process at world_size {world_size} (fake tensors, eager PyTorch, {device_type} path):"]
+    labels = {"train": f"training step, {cfg.train_seq_len:,} tokens per micro-step",
+              "train_graph_loss": "  the same with the loss as an eager autograd graph (no torch.compile)",
+              "val": f"validation, {cfg.val_seq_len:,} tokens per batch"}
+    for phase, p in est.items():
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in p.items() if k != "total" and v > GiB / 100)
+        verdict = "fits" if p["total"] <= capacity else "EXCEEDS"
+        lines.append(f"  {labels[phase]}: {p['total'] / GiB:.2f} GiB ({parts}); {verdict} {name}")
+    if device_type == "cuda" and cfg.compile:
+        lines.append("  (torch.compile also recomputes elementwise ops instead of keeping them: the compiled peak is "
+                     "lower still)")
+    if cfg.preset in UPSTREAM_PEAK_MIB and device_type == "cuda":
+        lines.append(f"  upstream's {cfg.preset} log: peak memory allocated {UPSTREAM_PEAK_MIB[cfg.preset]:,} MiB "
+                     f"({UPSTREAM_PEAK_MIB[cfg.preset] / 1024:.1f} GiB) on each of 8 H100s, compiled")
+    return lines

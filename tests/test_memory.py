@@ -1,0 +1,65 @@
+"""Memory: validation holds at most one chunk of logits, and the fake-tensor estimate of --dry-run matches a real
+run's peak. Peaks are measured with memory.PeakMemory, which counts live tensor storage."""
+import numpy as np
+import torch
+
+from embxlib import memory, train
+from embxlib.config import medium_x01, tiny
+from embxlib.data import shard_files
+from embxlib.model import GPT
+
+torch.set_num_threads(2)
+MiB = 2**20
+
+
+def validation_peak(corpus, val_seq_len: int, chunk: int) -> int:
+    """Peak bytes of train.evaluate (all validation batches, the norms pass) beyond what the model holds."""
+    cfg = tiny(val_seq_len=val_seq_len, val_tokens=4096, train_seq_len=val_seq_len, data_dir=str(corpus))
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.loss_chunk = chunk
+    D = train.Dist(torch.device("cpu"))
+    with memory.PeakMemory(*model.parameters(), *model.buffers()) as pm:
+        loss, norms = train.evaluate(model, model, cfg, shard_files(corpus, "val"), cfg.val_steps(1), D,
+                                     torch.device("cpu"), torch.tensor(2))
+    assert np.isfinite(loss) and len(norms) == cfg.num_layers
+    return pm.peak - sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_validation_memory_grows_by_activations_not_logits(corpus):
+    """Four times the validation sequence: the peak grows by the (small) activations of the longer sequence, not
+    by its logits (3,072 more rows x 50,304 x 4 bytes = 590 MiB if they were all held at once), and a chunk of
+    256 rows (49 MiB of fp32 logits) bounds what the head adds."""
+    short, long = validation_peak(corpus, 1024, 256), validation_peak(corpus, 4096, 256)
+    logits_growth = 3072 * 50304 * 4
+    assert long - short < logits_growth / 5, (short / MiB, long / MiB)
+    chunk_logits = 256 * 50304 * 4
+    assert long < 4 * chunk_logits + 4096 * 128 * 4 * 60, long / MiB  # a few chunk-sized tensors + activations
+    assert validation_peak(corpus, 4096, 4096) > long + (4096 - 256) * 50304 * 4  # unchunked: visibly more
+
+
+def test_fake_tensor_estimate_matches_a_real_step():
+    """memory.estimate builds the model from fake tensors (no storage); on the CPU path it must reproduce the peak
+    of the same step run for real."""
+    cfg = tiny(extra_embeds=1)
+    est = memory.estimate(cfg, device_type="cpu")
+    torch.manual_seed(0)
+    real_train = memory.measure(GPT(cfg), cfg, train=True)
+    real_val = memory.measure(GPT(cfg), cfg, train=False)
+    for phase, real in (("train", real_train), ("val", real_val)):
+        assert abs(est[phase]["total"] - real["total"]) < 0.02 * real["total"], (phase, est[phase], real)
+        assert est[phase]["parameters"] == real["parameters"]
+
+
+def test_dry_run_reports_memory_and_says_when_it_does_not_fit(capsys):
+    lines = memory.report(medium_x01(), 8, capacity=40 * 2**30)
+    text = "\n".join(lines)
+    assert "training step, 65,536 tokens per micro-step" in text and "validation, 262,144 tokens per batch" in text
+    assert "EXCEEDS 40.0 GiB" in text  # an eager medium step needs more than 40 GiB
+    assert "upstream's medium_x01 log: peak memory allocated 53,988 MiB" in text
+    est = memory.estimate(medium_x01())
+    assert est["train"]["parameters"] == (608_885_856 - 96 - 50304 * 1024) * 2 + (96 + 50304 * 1024) * 4
+    assert est["val"]["total"] < est["train"]["total"] < est["train_graph_loss"]["total"]
+    train.main(["--preset", "medium_x01", "--dry-run", "--world-size", "4"])
+    out = capsys.readouterr().out
+    assert "608,885,856" in out and "grad_accum 2" in out and "peak memory per process at world_size 4" in out

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORPUS := data/shakespeare/shakespeare_val_000000.bin
 
-.PHONY: run test corpus bench blog
+.PHONY: run test corpus bench blog gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,7 @@ bench: corpus
 
 blog: corpus
 	$(PY) -m embxlib.blog --all
+
+# On a machine with a GPU and its own torch (no .venv needed there): see embxlib/gpucheck.py
+gpu-check:
+	PYTHONPATH=. python3 -m embxlib.gpucheck --out runs/bench

@@ -1,0 +1,233 @@
+"""The GPU check: one prepared command for a machine with one GPU and no internet.
+
+    PYTHONPATH=. python3 -m embxlib.gpucheck --out runs/bench      # ~6 min on one H100/H200
+    python -m embxlib.gpucheck --cpu --out /tmp/check              # the same script on a CPU at tiny size (tests)
+
+Needs the built corpus in data/shakespeare (carry it to the GPU machine) and nothing else outside this tree.
+1. Kernels, each against an independent reference: FlexAttention forward and backward (bf16, compiled, with the
+   block mask of the model) against fp32 SDPA with the same keys; the compiled model against the eager one;
+   HeadLoss against the compiled autograd graph of head + soft-cap + cross-entropy; compiled_autograd (Record 8's
+   flag) with FlexAttention.
+2. medium_x01 on this one GPU through train.main: gradient accumulation 8, the real schedule of 5690 steps for
+   --steps steps, the bundled corpus (repeated: it holds under 3 steps), a validation at the full val_seq_len
+   (262,144 tokens) before and after: ms/step, tokens/s, MFU, peak memory of training and of validation, and
+   the fake-tensor estimate of --dry-run beside them.
+Writes <out>/gpu-<device>.json and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import EOT_TOKEN, medium_x01, tiny
+from .data import read_shard, shard_files, write_shard
+from .model import GPT, HeadLoss, SoftCap, attend, dense_mask, document_ids, flex_block_mask
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, SXM
+
+
+def _check(name: str, fn) -> dict:
+    t = time.perf_counter()
+    try:
+        detail = fn()
+        ok = detail.pop("ok", True)
+    except (Exception, SystemExit) as e:  # a failed check is a result, not the end of the script
+        ok, detail = False, {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    out = {"check": name, "ok": bool(ok), "seconds": round(time.perf_counter() - t, 1), **detail}
+    print(json.dumps({k: v for k, v in out.items() if k != "trace"}), flush=True)
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def check_flex_attention(device: str) -> dict:
+    """bf16 FlexAttention (compiled on CUDA) with the model's block mask vs fp32 SDPA with the dense mask."""
+    T, H, D, B = 2048, 4, 128, 128
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50000, (T,), generator=g)
+    tokens[torch.randint(0, T, (12,), generator=g)] = EOT_TOKEN
+    docs = document_ids(tokens).to(device)
+    q, k, v = (torch.randn(1, T, H, D, generator=g).to(device) for _ in range(3))
+    out = {}
+    for w in (1, 5):
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = attend(*ref_in, dense_mask(docs, w, B), 0.12)
+        ref.square().sum().backward()
+        lo = [t.to(torch.bfloat16).requires_grad_(device == "cuda") for t in (q, k, v)]
+        y = attend(*lo, flex_block_mask(docs, torch.tensor(w, device=device), B), 0.12)
+        out[f"window{w}_out_rel_err"] = _rel(y, ref)
+        if device == "cuda":  # FlexAttention has no CPU backward
+            y.float().square().sum().backward()
+            out[f"window{w}_grad_rel_err"] = max(_rel(a.grad, b.grad) for a, b in zip(lo, ref_in))
+    out["ok"] = all(v < 2e-2 for v in out.values())
+    return out
+
+
+def check_compiled_model(device: str) -> dict:
+    """A tiny model with the GPU code path (FlexAttention on CUDA, bf16 policy), eager vs torch.compile."""
+    cfg = tiny(train_seq_len=1024, window_max=512, device=device)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.abs().sum():
+                p.copy_(torch.randn_like(p, dtype=torch.float32) * 0.02)
+    tok = torch.randint(0, cfg.vocab_size, (1, 1025), device=device)
+    x, y = tok[:, :-1].int(), tok[:, 1:]
+    window = torch.tensor(4, dtype=torch.int32, device=device)
+    eager = model(x, y, window)
+    eager.backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, dynamic=False)(x, y, window)
+    compiled.backward()
+    grad_err = max(_rel(p.grad, g) for p, g in zip(model.parameters(), g_eager) if g.abs().sum())
+    loss_err = abs(compiled.item() - eager.item()) / eager.item()
+    return dict(eager_loss=eager.item(), compiled_loss=compiled.item(), loss_rel_err=loss_err,
+                max_grad_rel_err=grad_err, ok=loss_err < 1e-3 and grad_err < 5e-2)
+
+
+def check_head_loss(device: str) -> dict:
+    """HeadLoss (chunked, gradient in the same pass) vs the compiled autograd graph that CUDA training uses."""
+    g = torch.Generator().manual_seed(0)
+    n = 4096 if device == "cuda" else 512
+    x = torch.randn(n, 1024, generator=g).to(device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(50304, 1024, generator=g) * 0.05).to(device).requires_grad_()
+    y = torch.randint(0, 50257, (n,), generator=g).to(device)
+
+    def graph(x, w, y):
+        return F.cross_entropy(SoftCap.apply(F.linear(x, w.type_as(x)).float(), 15.0), y)
+    fn = torch.compile(graph, dynamic=False) if device == "cuda" else graph
+    ref = fn(x, w, y)
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    out = HeadLoss.apply(x, w, y, 15.0, n // 4)
+    fx, fw = torch.autograd.grad(out, (x, w))
+    res = dict(loss_graph=ref.item(), loss_head_loss=out.item(), loss_rel_err=abs(out.item() - ref.item()) / ref.item(),
+               dx_rel_err=_rel(fx, rx), dw_rel_err=_rel(fw, rw))
+    res["ok"] = res["loss_rel_err"] < 1e-4 and res["dx_rel_err"] < 2e-2 and res["dw_rel_err"] < 2e-2
+    return res
+
+
+def check_compiled_autograd(device: str) -> dict:
+    """Record 8 (preset medium) sets torch._dynamo.config.compiled_autograd; upstream dropped it in #119 because
+    FlexAttention failed under it. Does a compiled step of the model work with it in this torch?"""
+    import torch._dynamo
+    cfg = tiny(train_seq_len=1024, window_max=512, device=device)
+    model = GPT(cfg).to(device)
+    tok = torch.randint(0, cfg.vocab_size, (1, 1025), device=device)
+    fwd = torch.compile(model, dynamic=False)
+    torch._dynamo.config.compiled_autograd = True
+    try:
+        for _ in range(2):
+            fwd(tok[:, :-1].int(), tok[:, 1:], torch.tensor(4, device=device)).backward()
+    finally:
+        torch._dynamo.config.compiled_autograd = False
+        torch._dynamo.reset()
+    return dict(torch=torch.__version__)
+
+
+def corpus_dir(src: Path, tmp: Path, val_tokens: int) -> Path:
+    """The bundled corpus with a validation shard long enough for full-size validation batches: the training
+    tokens again (the check measures memory and time at that size; its loss is not a result)."""
+    train = shard_files(src, "train")
+    for f in train:
+        (tmp / Path(f).name).symlink_to(Path(f).resolve())
+    tokens = np.concatenate([read_shard(f) for f in train])
+    if len(tokens) < val_tokens + 2:
+        raise ValueError(f"{src}: {len(tokens)} tokens, fewer than a validation of {val_tokens} needs")
+    write_shard(tmp / "check_val_000000.bin", tokens[: val_tokens + 2])  # + 2: as upstream, a batch needs
+    # pos + batch + 1 < len
+    return tmp
+
+
+def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
+    """A short run at full size through train.main; returns its timings and memory."""
+    from . import train
+    if device == "cuda":
+        base, name = ["--preset", "medium_x01", "--no-coordinate-descent-tuning"], "medium_x01"
+        val_tokens = 4 * 262144
+    else:
+        base, name = ["--preset", "tiny", "--device", "cpu"], "tiny"
+        val_tokens = 4 * 1024
+    run_dir = out / f"gpucheck-run-{time.strftime('%Y%m%d-%H%M%S')}"
+    corpus = corpus_dir(Path(data), Path(tempfile.mkdtemp()), val_tokens)
+    t0 = time.perf_counter()
+    train.main([*base, "--data-dir", str(corpus), "--repeat-data", "--val-tokens", str(val_tokens),
+                "--max-steps", str(steps), "--run-dir", str(run_dir)])
+    wall = time.perf_counter() - t0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    times = [int(m[1]) for m in re.finditer(r"^step:\d+/\d+ train_loss:\S+ train_time:(\d+)ms", (run_dir / "log.txt")
+                                            .read_text(), re.M)]
+    per_step = np.diff(times)[2:] if len(times) > 4 else np.diff(times)  # after the first steps settle
+    ms = float(statistics.median(per_step)) if len(per_step) else None
+    tokens = cfg["train_batch_tokens"]
+    res = dict(preset=name, steps=summary["steps"], num_iterations=summary["num_iterations"],
+               grad_accum_steps=summary["grad_accum_steps"], ms_per_step=ms,
+               tokens_per_s=tokens / ms * 1000 if ms else None, wall_s=round(wall, 1),
+               val_loss_start=None, val_loss_end=summary["final_val_loss"],
+               peak_memory_train_mib=summary.get("peak_memory_train_mib"),
+               peak_memory_val_mib=summary.get("peak_memory_val_mib"), run_dir=str(run_dir))
+    vals = re.findall(r"^step:0/\d+ val_loss:(\S+)", (run_dir / "log.txt").read_text(), re.M)
+    res["val_loss_start"] = float(vals[0]) if vals else None
+    if device == "cuda" and ms:
+        from .model import count_params
+        c = medium_x01()
+        dense = count_params(c) - c.vocab_size * c.model_dim * (1 + c.extra_embeds + c.num_ve_tables)  # no gathers
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        res["mfu"] = 6 * dense * tokens / (ms / 1000) / peak if peak else None  # matmul FLOPs only: a lower bound
+        res["upstream_8xH100_ms_per_step"] = 247.37  # x01 record log, 5690 steps in 1407.5 s
+    res["ok"] = bool(ms) and np.isfinite(summary["final_val_loss"])
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m embxlib.gpucheck", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench", help="folder for gpu-<device>.json and the short run")
+    ap.add_argument("--steps", type=int, default=20, help="training steps of the medium_x01 run")
+    ap.add_argument("--data", default="data/shakespeare", help="the built bundled corpus")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU at tiny size (what the tests do)")
+    ap.add_argument("--skip-kernels", action="store_true", help="only the medium run")
+    args = ap.parse_args(argv)
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.exit(2, "error: CUDA is not available here; use --cpu for the CPU version of this check\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    result = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0],
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"), checks=[])
+    if not args.skip_kernels:
+        for check in (check_flex_attention, check_compiled_model, check_head_loss, check_compiled_autograd):
+            if device == "cpu" and check in (check_compiled_model, check_compiled_autograd):
+                continue  # compile on CPU takes most of a minute each: the tests cover them elsewhere
+            result["checks"].append(_check(check.__name__[6:], lambda: check(device)))
+    result["run"] = _check("run_" + ("medium_x01" if device == "cuda" else "tiny"),
+                           lambda: run_medium(device, args.steps, Path(args.data), out))
+    from .memory import estimate
+    cfg = medium_x01(compile=True) if device == "cuda" else tiny()
+    est = estimate(cfg, device)
+    result["estimate_mib"] = {k: v["total"] // 2**20 for k, v in est.items()}
+    path = out / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0 if all(c["ok"] for c in result["checks"]) and result["run"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -114,7 +114,11 @@ class Dist:
         if not self.on:
             return
         grads = [p.grad for p in params]
-        works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
+        if dist.get_backend() == "nccl":  # as upstream: AVG, in the gradients' dtype (bf16 for bf16 parameters)
+            for w in [dist.all_reduce(g, op=dist.ReduceOp.AVG, async_op=True) for g in grads]:
+                w.wait()
+            return
+        works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]  # gloo has no AVG
         for w, g in zip(works, grads):
             w.wait()
             g /= self.world

@@ -24,7 +24,7 @@ class Config:
     # --- run identity ---
     preset: str = "tiny"  # preset the other fields started from (tiny, medium, medium_x01)
     name: str = ""  # variant label used in run-folder names and analysis; empty: derived from the variant fields
-    seed: int = 0  # seed of the initialisation (data order is fixed, as upstream)
+    seed: int = 0  # seed of the initialisation, and of the data order with shuffle_data
 
     # --- architecture (upstream Record 8 / x01 record) ---
     vocab_size: int = VOCAB_SIZE  # rows of every embedding table; the LM head is padded to a multiple of 128
@@ -40,7 +40,7 @@ class Config:
     attn_block_size: int = 64  # granularity of the window schedule in tokens (upstream 128, FlexAttention's block)
     attn_scale: float = 0.17  # softmax scale on QK-normed heads (upstream 0.12 at head_dim 128)
     logit_softcap: float = 15.0  # ISRU soft-cap of the logits: c * z / sqrt(z^2 + c^2)
-    precision: str = "bf16"  # bf16: upstream's policy (bf16 tables, blocks and residual, fp32 master weights); fp32: all fp32
+    precision: str = "bf16"  # bf16: upstream's policy (bf16 tables, blocks, residual; fp32 masters); fp32: all fp32
 
     # --- embedding variants (the subject of the seed experiments) ---
     extra_embeds: int = 0  # N extra input embeddings x01..x0N mixed into the residual before every block
@@ -77,7 +77,8 @@ class Config:
     target_val_loss: float = 6.0  # loss whose first crossing is reported in summary.json (medium: 2.92)
     save_every: int = 0  # also checkpoint every this many steps (0: only at the end)
     data_dir: str = "data/shakespeare"  # folder of *_train_*.bin / *_val_*.bin shards
-    repeat_data: bool = False  # allow more than one pass over the training shards (off: refuse to start, as upstream stops)
+    repeat_data: bool = False  # allow more than one pass over the training shards (off: refuse to start, as upstream)
+    shuffle_data: bool = False  # visit the training batches in an order drawn from seed, new each epoch (off: upstream's)
 
     # --- compilation (seed 003 compares runs with and without coordinate_descent_tuning) ---
     compile: bool = False  # torch.compile the model

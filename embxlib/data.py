@@ -144,50 +144,58 @@ def build_corpus(out: str | Path, shard_tokens: int = 10**6) -> dict:
 
 class TokenStream:
     """Contiguous stream over shards, as upstream's loader: each step takes the next batch of world_size x accum x
-    seq_len tokens (+1 for the last target), moving to the next shard when pos + batch + 1 >= the shard's length, and
-    micro-step m of rank r reads the (m * world_size + r)-th seq_len window of it. So any (world_size, accum) with
-    the same global batch sees the same tokens in the same sequences, and 8 ranks see exactly upstream's.
-    At the end of the last shard it stops with DataExhausted, as upstream; with repeat=True it starts the shards
-    again and counts epochs."""
+    seq_len tokens (+1 for the last target) from a shard, moving to the next shard when pos + batch + 1 >= the
+    shard's length, and micro-step m of rank r reads the (m * world_size + r)-th seq_len window of it. So any
+    (world_size, accum) with the same global batch sees the same tokens in the same sequences, and 8 ranks see
+    exactly upstream's. The batches are slots (shard, pos); with order_seed they are visited in an order drawn
+    from it (a new one each epoch) instead of upstream's fixed order. At the end it stops with DataExhausted, as
+    upstream; with repeat=True it starts again and counts epochs."""
 
     def __init__(self, files: list[str], seq_len: int, rank: int = 0, world_size: int = 1, accum: int = 1,
-                 repeat: bool = False):
+                 repeat: bool = False, order_seed: int | None = None):
         self.files, self.seq_len, self.rank, self.world_size = files, seq_len, rank, world_size
-        self.accum, self.repeat = accum, repeat
+        self.accum, self.repeat, self.order_seed = accum, repeat, order_seed
         self.batch = world_size * accum * seq_len
-        self.shard_idx, self.pos, self.micro, self.epoch = 0, 0, 0, 0
-        self.tokens = read_shard(files[0])
+        self.slots = [(i, j * self.batch) for i, f in enumerate(files)
+                      for j in range(max(0, (shard_tokens(f) - 2) // self.batch))]
+        if not self.slots:
+            raise DataExhausted(f"no shard of {files} holds one batch of {self.batch:,} tokens + 1")
+        self.epoch, self.cursor, self.micro = 0, 0, 0
+        self._order = self._shards = None
+
+    def _slot(self) -> tuple[int, int]:
+        if self._order is None:
+            n = len(self.slots)
+            self._order = (np.arange(n) if self.order_seed is None
+                           else np.random.default_rng([self.order_seed, self.epoch]).permutation(n))
+        return self.slots[self._order[self.cursor]]
+
+    def _tokens(self, shard: int) -> np.ndarray:
+        if self._shards is None or self._shards[0] != shard:
+            self._shards = (shard, read_shard(self.files[shard]))
+        return self._shards[1]
 
     def next(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        if self.micro == 0:
-            while self.pos + self.batch + 1 >= len(self.tokens):
-                self._advance()
-        start = self.pos + (self.micro * self.world_size + self.rank) * self.seq_len
-        buf = torch.from_numpy(self.tokens[start: start + self.seq_len + 1].astype(np.int64))
+        if self.cursor == len(self.slots):
+            if not self.repeat:
+                raise DataExhausted(f"the {len(self.files)} shard(s) from {self.files[0]} are used up after epoch "
+                                    f"{self.epoch + 1} ({len(self.slots)} steps); more shards, fewer steps, or "
+                                    f"repeat_data=True")
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        shard, pos = self._slot()
+        start = pos + (self.micro * self.world_size + self.rank) * self.seq_len
+        buf = torch.from_numpy(self._tokens(shard)[start: start + self.seq_len + 1].astype(np.int64))
         self.micro += 1
         if self.micro == self.accum:
-            self.micro, self.pos = 0, self.pos + self.batch
+            self.micro, self.cursor = 0, self.cursor + 1
         x, y = buf[:-1].to(device, non_blocking=True), buf[1:].to(device, non_blocking=True)
         return x[None].int(), y[None]
 
-    def _advance(self):
-        self.shard_idx += 1
-        if self.shard_idx == len(self.files):
-            if not self.repeat:
-                raise DataExhausted(f"the {len(self.files)} shard(s) from {self.files[0]} on are used up after epoch "
-                                    f"{self.epoch + 1}; more shards, fewer steps, or repeat_data=True")
-            if steps_available(self.files, self.batch) == 0:  # (checked before training; here for direct users)
-                raise DataExhausted(f"no shard of {self.files} holds one batch of {self.batch} tokens + 1")
-            self.shard_idx, self.epoch = 0, self.epoch + 1
-        self.tokens, self.pos = read_shard(self.files[self.shard_idx]), 0
-
     def state_dict(self) -> dict:
-        return dict(shard_idx=self.shard_idx, pos=self.pos, micro=self.micro, epoch=self.epoch)
+        return dict(epoch=self.epoch, cursor=self.cursor, micro=self.micro)
 
     def load_state_dict(self, d: dict) -> None:
-        self.shard_idx, self.pos, self.epoch = d["shard_idx"], d["pos"], d["epoch"]
-        self.micro = d.get("micro", 0)
-        self.tokens = read_shard(self.files[self.shard_idx])
+        self.epoch, self.cursor, self.micro, self._order = d["epoch"], d["cursor"], d["micro"], None
 
 
 class DataExhausted(RuntimeError):
@@ -201,7 +209,7 @@ def shard_tokens(path: str | Path) -> int:
 
 def steps_available(files: list[str], batch_tokens: int) -> int:
     """How many batches of batch_tokens the stream takes from these shards in one pass (each shard's tail that
-    is shorter than a batch + 1 is skipped, as upstream)."""
+    is shorter than a batch + 1 is skipped, as upstream): TokenStream's slots."""
     return sum(max(0, (shard_tokens(f) - 2) // batch_tokens) for f in files)
 
 

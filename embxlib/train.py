@@ -333,7 +333,8 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     num_params = sum(p.numel() for p in model.parameters())
     adam, muon = build_optimizers(model, cfg, D.rank, D.world)
     fwd = torch.compile(model, dynamic=False) if cfg.compile else model
-    stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world, accum, repeat=cfg.repeat_data)
+    stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world, accum, repeat=cfg.repeat_data,
+                         order_seed=cfg.seed if cfg.shuffle_data else None)
     step, train_ms, history = 0, 0.0, []
     if args.resume:
         ck = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)

@@ -166,3 +166,33 @@ def test_fineweb_without_network_says_so(tmp_path):
     assert "30 train chunks" in r.stdout
     assert "could not download from the Hugging Face hub (kjj0/fineweb10B-gpt2)" in r.stderr
     assert "network access to huggingface.co" in r.stderr
+
+
+def test_shuffled_order_is_a_permutation_per_epoch_drawn_from_the_seed(tmp_path):
+    """shuffle_data: every batch slot once per epoch, in an order that depends on the seed and the epoch, the same
+    for every world size, and restored by a checkpoint mid-epoch."""
+    files = []
+    for i, n in enumerate([300, 200]):
+        write_shard(tmp_path / f"x_train_{i:06d}.bin", np.arange(n) + 1000 * i)
+        files.append(str(tmp_path / f"x_train_{i:06d}.bin"))
+    fixed = TokenStream(files, 32)
+    order = [fixed.next()[0][0, 0].item() for _ in range(len(fixed.slots))]
+    assert order == list(range(0, 257, 32)) + list(range(1000, 1161, 32))  # upstream's: 9 + 6 batches
+
+    def starts(seed, world=1, accum=2, steps=15):  # first token of every step (batch 32 = world x accum x 16)
+        streams = [TokenStream(files, 16, r, world, accum, repeat=True, order_seed=seed) for r in range(world)]
+        out = []
+        for _ in range(steps):
+            firsts = [[s.next()[0][0, 0].item() for s in streams] for _ in range(accum)]
+            out.append(firsts[0][0])
+        return out
+    a = starts(0, steps=30)
+    assert sorted(a[:15]) == sorted(a[15:]) == order and a[:15] != order and a[:15] != a[15:]
+    assert starts(1) != a[:15]
+    assert starts(0, world=2, accum=1) == a[:15]  # the same sequences with 2 ranks
+    s = TokenStream(files, 16, accum=2, repeat=True, order_seed=3)
+    for _ in range(5):
+        s.next()
+    t = TokenStream(files, 16, accum=2, repeat=True, order_seed=3)
+    t.load_state_dict(s.state_dict())
+    assert [t.next()[0].tolist() for _ in range(40)] == [s.next()[0].tolist() for _ in range(40)]

@@ -239,6 +239,41 @@ def check_enough_data(train_files: list[str], val_files: list[str], cfg, world_s
     return desc + (f" ({cfg.num_iterations / have:.2f} passes, repeat_data)" if have < cfg.num_iterations else "")
 
 
+# --- n-gram references -------------------------------------------------------------------------
+
+def ngram_losses(train_tokens, val_tokens, vocab_size: int = 50257) -> dict:
+    """Mean next-token cross-entropy (nats) on val_tokens (predicting val[t+1] from val[t]) of two count models of
+    train_tokens: what a model must beat before it has learned more than token frequencies and pairs.
+    unigram: Witten-Bell, interpolated with the uniform distribution over the vocabulary,
+        P(w) = (c(w) + T / V) / (N + T), N tokens, T distinct token types.
+    bigram: Witten-Bell interpolated with that unigram (Chen & Goodman's form),
+        P(w | v) = (c(v w) + T(v) P(w)) / (c(v) + T(v)), T(v) distinct successors of v; P(w) where v was never seen."""
+    train = np.asarray(train_tokens, dtype=np.int64)
+    x, y = np.asarray(val_tokens[:-1], dtype=np.int64), np.asarray(val_tokens[1:], dtype=np.int64)
+    V = vocab_size
+    counts = np.bincount(train, minlength=V).astype(float)
+    N, types = counts.sum(), float((counts > 0).sum())
+    p_uni = (counts + types / V) / (N + types)
+    pairs, pair_counts = np.unique(train[:-1] * V + train[1:], return_counts=True)
+    history = pairs // V
+    c_v = np.bincount(history, weights=pair_counts, minlength=V)
+    t_v = np.bincount(history, minlength=V).astype(float)
+    q = x * V + y
+    at = np.clip(np.searchsorted(pairs, q), 0, len(pairs) - 1)
+    c_vw = np.where(pairs[at] == q, pair_counts[at], 0).astype(float)
+    seen = c_v[x] > 0
+    p_bi = np.where(seen, (c_vw + t_v[x] * p_uni[y]) / np.where(seen, c_v[x] + t_v[x], 1.0), p_uni[y])
+    return {"unigram": float(-np.log(p_uni[y]).mean()), "bigram": float(-np.log(p_bi).mean())}
+
+
+def corpus_ngram_losses(data_dir: str | Path, val_tokens: int) -> dict:
+    """ngram_losses of a data folder's training shards on the first val_tokens (+1) tokens of its val shards: the
+    tokens a run with that val_tokens is validated on."""
+    train = np.concatenate([read_shard(f) for f in shard_files(data_dir, "train")])
+    val = np.concatenate([read_shard(f) for f in shard_files(data_dir, "val")])[: val_tokens + 1]
+    return ngram_losses(train, val)
+
+
 # --- FineWeb (GPU users; the hub is not reachable from CI) --------------------------------------
 
 FINEWEB_REPO = "kjj0/fineweb10B-gpt2"

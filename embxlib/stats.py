@@ -58,10 +58,12 @@ def record_ttest(losses, threshold: float = 2.92, alpha: float = 0.05) -> dict:
     }
 
 
-def welch_test(variant, baseline, alternative: str = "less") -> dict:
-    """Welch's t-test of variant against baseline; alternative "less" asks whether the variant's mean is lower."""
+def welch_test(variant, baseline, alternative: str = "less", level: float = 0.95) -> dict:
+    """Welch's t-test of variant against baseline; alternative "less" asks whether the variant's mean is lower.
+    ci_low/ci_high: the two-sided `level` confidence interval of the difference of means (Welch-Satterthwaite df)."""
     a, b = np.asarray(variant, dtype=float), np.asarray(baseline, dtype=float)
     result = stats.ttest_ind(a, b, equal_var=False, alternative=alternative)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
     return {
         "n_variant": len(a),
         "n_baseline": len(b),
@@ -72,7 +74,28 @@ def welch_test(variant, baseline, alternative: str = "less") -> dict:
         "df": float(result.df),
         "p_value": float(result.pvalue),
         "alternative": alternative,
+        "ci_low": float(ci.low),
+        "ci_high": float(ci.high),
     }
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Runs per arm for a two-sided two-sample t-test to detect a difference of means `effect` between arms whose
+    runs scatter with standard deviation `sd`, at level alpha with the given power (statsmodels' TTestIndPower,
+    the noncentral t)."""
+    from statsmodels.stats.power import TTestIndPower
+    if effect == 0 or not np.isfinite(effect / sd):
+        return float("inf")
+    n = TTestIndPower().solve_power(effect_size=abs(effect) / sd, alpha=alpha, power=power, ratio=1.0,
+                                    alternative="two-sided")
+    return int(np.ceil(n))
+
+
+def pooled_sd(*groups) -> float:
+    """The pooled standard deviation (ddof=1) of several groups of runs."""
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g) > 1]
+    dof = sum(len(g) - 1 for g in groups)
+    return float(np.sqrt(sum((len(g) - 1) * g.var(ddof=1) for g in groups) / dof))
 
 
 def final_stats(df: pd.DataFrame, threshold: float = 2.92, alpha: float = 0.05, baseline: str | None = None):
@@ -103,8 +126,10 @@ def final_stats(df: pd.DataFrame, threshold: float = 2.92, alpha: float = 0.05, 
 
 def compare_to_baseline(df: pd.DataFrame, baseline: str, variants=None) -> pd.DataFrame:
     """One row per variant (baseline first): runs, final loss mean/std (ddof=1), training ms per step, and a
-    two-sided Welch test of the final losses against the baseline's (diff < 0: the variant ends lower).
-    Two-sided because an added table can hurt as well as help (removing value embeddings, token lambdas)."""
+    two-sided Welch test of the final losses against the baseline's (diff < 0: the variant ends lower) with the
+    95% confidence interval of diff, and the runs per arm that would detect a diff that size at p < 0.05 with 80%
+    power (seeds_needed, from the pooled standard deviation). Two-sided because an added table can hurt as well as
+    help (removing value embeddings, token lambdas)."""
     finals = final_points(df)
     finals = finals[np.isfinite(finals["val_loss"])]
     order = [baseline] + [v for v in (variants if variants is not None else pd.unique(finals["variant"]))
@@ -121,7 +146,8 @@ def compare_to_baseline(df: pd.DataFrame, baseline: str, variants=None) -> pd.Da
                "ms_per_step": float((1000 * g["train_time_s"] / g["step"]).median())}
         if v != baseline and len(g) > 1 and len(base) > 1:
             w = welch_test(loss, base, alternative="two-sided")
-            row.update(diff=w["diff"], t_stat=w["t_stat"], p_two_sided=w["p_value"],
+            row.update(diff=w["diff"], ci_low=w["ci_low"], ci_high=w["ci_high"], t_stat=w["t_stat"],
+                       p_two_sided=w["p_value"], seeds_needed=seeds_needed(w["diff"], pooled_sd(loss, base)),
                        step_time_ratio=row["ms_per_step"] / rows[0]["ms_per_step"])  # rows[0]: the baseline
         rows.append(row)
     return pd.DataFrame(rows)

@@ -274,3 +274,38 @@ def test_mixing_shares_by_hand(lambdas):
         shares = mixing_shares(final, norms=norms).pivot(index="layer", columns="stream", values="value")
         assert list(shares.columns) == ["x", "x00", "x01"]  # v/ve/norm are not part of the mix
         assert {k: shares.loc[k].tolist() for k in (0, 1)} == expected
+
+
+def test_seeds_needed_against_cohens_table_and_the_issue():
+    """Cohen (1988), two-sample t-test, alpha 0.05 two-sided, power 0.8: d = 0.8 needs 26 per group, d = 0.5 64.
+    Issue 12: x01's -0.057 at a seed SD of 0.046 needs about 12 seeds per arm."""
+    from embxlib.stats import seeds_needed
+    assert seeds_needed(0.8, 1.0) == 26 and seeds_needed(-0.5, 1.0) == 64
+    assert seeds_needed(-0.057, 0.046) == 12
+    assert seeds_needed(0.0, 0.05) == float("inf")
+
+
+def test_welch_confidence_interval_by_hand():
+    import math
+    from scipy import stats as st
+    a, b = [2.0, 2.3, 2.1, 2.6], [2.5, 2.7, 2.4]
+    va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)  # Welch-Satterthwaite
+    half = st.t.ppf(0.975, df) * math.sqrt(va + vb)
+    diff = np.mean(a) - np.mean(b)
+    w = welch_test(a, b, alternative="two-sided")
+    assert w["ci_low"] == pytest.approx(diff - half) and w["ci_high"] == pytest.approx(diff + half)
+    assert w["df"] == pytest.approx(df)
+
+
+def test_compare_to_baseline_reports_ci_and_seeds_needed():
+    from embxlib.stats import pooled_sd, seeds_needed
+    rows = []
+    for v, losses in (("base", [3.0, 3.1, 3.05]), ("new", [2.9, 3.0, 2.95])):
+        for i, loss in enumerate(losses):
+            rows.append(dict(run=f"{v}{i}", variant=v, step=100, train_time_s=10.0, val_loss=loss, source="t"))
+    table = compare_to_baseline(pd.DataFrame(rows), "base").set_index("variant")
+    w = welch_test([2.9, 3.0, 2.95], [3.0, 3.1, 3.05], alternative="two-sided")
+    assert table.loc["new", "ci_low"] == pytest.approx(w["ci_low"]) and table.loc["new", "ci_high"] < 0.05
+    sd = pooled_sd([2.9, 3.0, 2.95], [3.0, 3.1, 3.05])
+    assert sd == pytest.approx(0.05) and table.loc["new", "seeds_needed"] == seeds_needed(-0.1, 0.05) == 6  # d = 2: 5.1

@@ -152,9 +152,11 @@ def build_optimizers(model, cfg: Config, rank: int = 0, world_size: int = 1):
     adam_kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=0.0, fused=True)
     cuda = next(model.parameters()).is_cuda
     adam = torch.optim.AdamW(adam_groups(model, cfg), **adam_kw)
-    # bf16 Newton-Schulz as upstream on GPUs; CPUs without bf16 matrix units run it ~100x slower than fp32
+    # bf16 Newton-Schulz as upstream, on GPUs and under the bf16 policy; an fp32 run on a CPU keeps it in fp32 (CPUs
+    # without bf16 matrix units run bf16 ~100x slower than fp32)
+    ns_dtype = torch.bfloat16 if cuda or cfg.precision == "bf16" else torch.float32
     muon = Muon(muon_groups(model, cfg), lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                weight_decay=cfg.muon_weight_decay, ns_dtype=torch.bfloat16 if cuda else torch.float32,
+                weight_decay=cfg.muon_weight_decay, ns_dtype=ns_dtype,
                 rank=rank, world_size=world_size)
     covered = {id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if id(p) not in covered]

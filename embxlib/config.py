@@ -15,6 +15,8 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 
+from .runfolder import check_folder_name
+
 VOCAB_SIZE = 50257  # GPT-2; embedding tables keep this many rows, the LM head is padded
 EOT_TOKEN = 50256  # <|endoftext|>, also the document separator of the data shards
 
@@ -176,9 +178,10 @@ class Config:
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
 
+        check_folder_name("name", self.name)  # part of the run folder's name
         for name in ("num_layers", "model_dim", "num_heads", "head_dim", "mlp_dim", "num_iterations", "train_batch_tokens",
                      "train_seq_len", "val_tokens", "val_seq_len", "val_loss_every", "window_max", "attn_block_size",
-                     "vocab_size"):
+                     "vocab_size", "ve_span"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("extra_embeds", "value_embeds", "save_every", "warmup_steps", "ve_shift", "muon_momentum_warmup_steps"):
@@ -239,20 +242,28 @@ class Config:
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:
-        per_micro = world_size * self.train_seq_len
-        if self.train_batch_tokens % per_micro:
-            ok = [w for w in range(1, 65) if self.train_batch_tokens % (w * self.train_seq_len) == 0]
-            raise ValueError(f"train_batch_tokens={self.train_batch_tokens} is not a multiple of world_size={world_size} x "
-                             f"train_seq_len={self.train_seq_len}; world sizes that work: {ok}")
-        return self.train_batch_tokens // per_micro
+        return self._micro_steps("train_batch_tokens", "train_seq_len", world_size)
 
     def val_steps(self, world_size: int) -> int:
-        per = world_size * self.val_seq_len
-        if self.val_tokens % per:
-            ok = [w for w in range(1, 65) if self.val_tokens % (w * self.val_seq_len) == 0]
-            raise ValueError(f"val_tokens={self.val_tokens} is not a multiple of world_size={world_size} x "
-                             f"val_seq_len={self.val_seq_len}; world sizes that work: {ok}")
-        return self.val_tokens // per
+        return self._micro_steps("val_tokens", "val_seq_len", world_size)
+
+    def _micro_steps(self, total_field: str, len_field: str, world_size: int) -> int:
+        """total_field tokens in micro-steps of world_size x len_field; raise naming what would fit otherwise."""
+        total, seq_len = getattr(self, total_field), getattr(self, len_field)
+        per_micro = world_size * seq_len
+        if total % per_micro == 0:
+            return total // per_micro
+        worlds = [w for w in range(1, 65) if total % (w * seq_len) == 0]
+        below, above = total // per_micro * per_micro, (total // per_micro + 1) * per_micro
+        lens = [n for n in range(self.attn_block_size, total // world_size + 1, self.attn_block_size)
+                if total % (world_size * n) == 0][-3:]
+        fits = [f"{total_field} a multiple of {per_micro} (e.g. {', '.join(map(str, filter(None, (below, above))))})"]
+        if lens:
+            fits.append(f"{len_field} in {lens}")
+        if worlds:
+            fits.append(f"world sizes {worlds}")
+        raise ValueError(f"{total_field}={total} is not a multiple of world_size={world_size} x {len_field}={seq_len}; "
+                         f"what fits: {' or '.join(fits)}")
 
 
 def next_multiple(v: float, n: int) -> int:
@@ -267,16 +278,28 @@ def next_multiple(v: float, n: int) -> int:
 
 
 def variant_name(cfg: Config) -> str:
-    """Short label of the embedding variant, e.g. 'x00-ve3' (Record 8), 'x01-ve5' (x01 record), 'x02-ve2-tlx00'."""
-    parts = [f"x0{cfg.extra_embeds}", f"ve{cfg.value_embeds}"]
-    if cfg.ve_layout != "upstream":
-        parts.append(cfg.ve_layout)
-    if cfg.ve_shift:
-        parts.append(f"shift{cfg.ve_shift}")
-    if cfg.ve_remove:
-        parts.append("rm" + "-".join(map(str, cfg.ve_remove)))
-    if cfg.ve_layers:
-        parts.append("velayers")
+    """Short label of the embedding variant, e.g. 'x00-ve3' (Record 8), 'x01-ve5' (x01 record), 'x02-ve2-tlx00'.
+    It says what is built: value embeddings that no layer uses are not counted (ve0), and attention-free layers
+    other than the preset's are named, so two different models never share a label."""
+    parts = [f"x0{cfg.extra_embeds}"]
+    try:
+        tables = cfg.num_ve_tables
+    except IndexError:  # a layer out of range: validate() names the field; keep the name derivable until then
+        tables = cfg.value_embeds
+    if tables == 0:
+        parts.append("ve0")
+    else:
+        parts.append(f"ve{cfg.value_embeds}")
+        if cfg.ve_layout != "upstream":
+            parts.append(cfg.ve_layout + (str(cfg.ve_span) if cfg.ve_layout == "adjacent" else ""))
+        if cfg.ve_shift:
+            parts.append(f"shift{cfg.ve_shift}")
+        if cfg.ve_remove:
+            parts.append("rm" + "-".join(map(str, cfg.ve_remove)))
+        if cfg.ve_layers:
+            parts.append("velayers")
+    if cfg.preset in PRESETS and cfg.no_attn_layers != PRESETS[cfg.preset](name=cfg.preset).no_attn_layers:
+        parts.append("noattn" + "-".join(map(str, cfg.no_attn_layers)))
     if cfg.token_lambdas:
         parts.append(f"tl{cfg.token_lambdas}")
     if cfg.precision != "bf16":
@@ -351,7 +374,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
-    preset = overrides.pop("preset", None) or getattr(args, "preset", None) or "tiny"
+    preset = overrides.pop("preset", "tiny")  # an explicit --preset '' is an error, not the default
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: allowed: {sorted(PRESETS)}")
     return PRESETS[preset](**overrides)
@@ -362,7 +385,11 @@ def coerce(name: str, value):
     f = {f.name: f for f in fields(Config)}.get(name)
     if f is None:
         raise ValueError(f"unknown config field {name!r}")
-    t = _field_type(f)
+    return coerce_value(name, value, _field_type(f))
+
+
+def coerce_value(name: str, value, t):
+    """value as type t (bool, int, float, str or tuple[int, ...]); a bool is only a bool or 'true'/'false'."""
     try:
         if t is bool:
             if isinstance(value, str):
@@ -372,9 +399,9 @@ def coerce(name: str, value):
             return value
         if typing.get_origin(t) is tuple:
             return _parse_tuple(value) if isinstance(value, str) else tuple(int(x) for x in value)
-        if t is int and isinstance(value, float) and not value.is_integer():
+        if t is int and (isinstance(value, bool) or isinstance(value, float) and not value.is_integer()):
             raise TypeError
         return t(value)
     except (TypeError, ValueError, KeyError):
-        raise ValueError(f"{name}={value!r}: expected {getattr(t, '__name__', str(t))}") from None
-
+        expected = "true or false" if t is bool else getattr(t, "__name__", str(t))
+        raise ValueError(f"{name}={value!r}: expected {expected}") from None

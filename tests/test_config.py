@@ -119,3 +119,67 @@ def test_tiny_keeps_the_medium_structure():
     assert c.no_attn_layers and c.skip_pairs and c.value_embeds >= 2
     ve = c.ve_map()
     assert ve[0] is not None and ve[-1] is not None and ve[0] == ve[c.num_layers - c.value_embeds]
+
+
+@pytest.mark.parametrize("variant, name", [
+    (dict(ve_layout="adjacent", ve_span=1, value_embeds=3), "x00-ve3-adjacent1"),  # not the same model as span 3
+    (dict(ve_layout="adjacent"), "x00-ve2-adjacent3"),
+    (dict(no_attn_layers=(0, 1, 2, 3, 4, 5)), "x00-ve0-noattn0-1-2-3-4-5"),  # no attention: no value embedding either
+    (dict(no_attn_layers=(1,)), "x00-ve2-noattn1"),
+    (dict(ve_remove=(0, 1, 4, 5)), "x00-ve0"),  # every table dropped: the model of value_embeds=0
+    (dict(value_embeds=0), "x00-ve0"),
+    (dict(), "x00-ve2"),
+])
+def test_variant_name_says_what_is_built(variant, name):
+    cfg = tiny(**variant).validate(1)
+    assert cfg.name == name
+    assert (cfg.num_ve_tables == 0) == ("-ve0" in name)
+
+
+def test_adjacent_layout_needs_a_span():
+    with pytest.raises(ValueError, match="ve_span=0: must be >= 1"):
+        tiny(ve_layout="adjacent", ve_span=0).validate()
+
+
+@pytest.mark.parametrize("name", ["a/../../../x", "..", ".hidden", "a\\b", ""])
+def test_name_must_be_one_plain_folder(tmp_path, name):
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", "--name", name, "--runs-root", str(tmp_path / "runs")],
+                       capture_output=True, text=True, env=python_env(), timeout=60, cwd=tmp_path)
+    if name == "":  # empty: derived from the variant, as documented
+        assert "must be one plain folder name" not in r.stderr
+        return
+    assert r.returncode == 2 and f"name={name!r}: must be one plain folder name" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1  # one line, not the usage text
+    assert list(tmp_path.iterdir()) == []  # nothing made, inside runs-root or outside it
+
+
+def test_empty_preset_is_an_error_not_tiny(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        parse(["--preset", "", "--dry-run"])
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", "--preset", "", "--dry-run"], capture_output=True, text=True,
+                       env=python_env(), timeout=60)
+    assert r.returncode == 2 and "preset='': allowed: ['medium', 'medium_x01', 'tiny']" in r.stderr
+
+
+def test_batch_error_says_what_would_fit():
+    with pytest.raises(ValueError) as err:
+        tiny(train_batch_tokens=1000).validate(1)  # 1000 is no multiple of 512 for any world size
+    message = str(err.value)
+    assert "[]" not in message
+    assert message == ("train_batch_tokens=1000 is not a multiple of world_size=1 x train_seq_len=512; what fits: "
+                       "train_batch_tokens a multiple of 512 (e.g. 512, 1024)")
+    with pytest.raises(ValueError, match=r"what fits: train_batch_tokens a multiple of 1024 \(e.g. 1024, 2048\) or "
+                                         r"train_seq_len in \[256, 384, 768\] or world sizes \[1, 3\]$"):
+        tiny(train_batch_tokens=1536).validate(2)
+    with pytest.raises(ValueError, match=r"val_tokens=1000 .* what fits: val_tokens a multiple of 1024 \(e.g. 1024\)$"):
+        tiny(val_tokens=1000).validate(1)
+
+
+def test_coerce_accepts_only_real_booleans():
+    assert coerce("compile", "True") is True and coerce("compile", False) is False
+    for value in ("yes", 1, "1", None):
+        with pytest.raises(ValueError, match=r"compile=.*: expected true or false"):
+            coerce("compile", value)
+    with pytest.raises(ValueError, match="extra_embeds=True: expected int"):
+        coerce("extra_embeds", True)

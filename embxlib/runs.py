@@ -309,10 +309,15 @@ def _metrics_points(text: str):
     if not heads or len(heads) != sum(1 for line in text.split("\n") if line.strip()):
         return None
     steps, losses, ms = zip(*heads)
-    return np.array(steps, dtype=np.int64), np.array(ms, dtype=np.float64) / 1000.0, np.array(losses, dtype=np.float64)
+    steps = np.array(steps, dtype=np.int64)
+    if np.any(np.diff(steps) <= 0):  # a step twice: the JSON path keeps the last and says so
+        return None
+    return steps, np.array(ms, dtype=np.float64) / 1000.0, np.array(losses, dtype=np.float64)
 
 
 def _step(value) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"step {value!r} is not a whole number")
     step = int(value)
     if not 0 <= step < 10**18:
         raise ValueError("step out of range")
@@ -336,6 +341,7 @@ def parse_run_folder(folder, with_lambdas: bool = True) -> tuple[pd.DataFrame, p
     if points is not None:
         run.steps, run.times, run.losses = points
     else:
+        by_step: dict[int, tuple] = {}  # a step recorded twice (a resume that did not replace it): the last counts
         for index, record in enumerate(_metrics_records(text, metrics), 1):
             try:
                 step = _step(record["step"])
@@ -346,6 +352,10 @@ def parse_run_folder(folder, with_lambdas: bool = True) -> tuple[pd.DataFrame, p
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 _warn(f"{metrics}: record {index}: skipped ({exc!s:.60})")
                 continue
+            if step in by_step:
+                _warn(f"{metrics}: record {index}: step {step} again; kept this record, dropped the earlier one")
+            by_step[step] = (point, streams)
+        for step, (point, streams) in sorted(by_step.items()):
             run.steps.append(step)
             run.times.append(point[0])
             run.losses.append(point[1])
@@ -386,9 +396,9 @@ def _expand(paths) -> list[Path]:
     return list(unique.values())
 
 
-def _load(paths, with_lambdas: bool):
-    vals, lambdas = [], []
-    for path in _expand(paths):
+def _load(paths, with_lambdas: bool, require: bool = False):
+    vals, lambdas, found = [], [], _expand(paths)
+    for path in found:
         parse = parse_run_folder if path.is_dir() else parse_log
         try:
             v, lam = parse(path, with_lambdas=with_lambdas)
@@ -398,14 +408,28 @@ def _load(paths, with_lambdas: bool):
         if v.empty:
             _warn(f"{path}: no validation points")
         else:
+            _warn_non_finite(v, path)
             vals.append(v)
         if lam is not None and not lam.empty:
             lambdas.append(lam)
+    if require and not vals:
+        given = [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
+        raise ValueError(f"no validation points in any input ({len(found)} file(s) or run folder(s) found for "
+                         f"{given}); the warnings above say what each input lacks")
     val_table = _disambiguate(pd.concat(vals, ignore_index=True) if vals else _frames([], [], [], "", False)[0])
     if not with_lambdas:
         return val_table, None
     lam_table = pd.concat(lambdas, ignore_index=True) if lambdas else _lambda_frame([], "")
     return val_table, _disambiguate(lam_table)
+
+
+def _warn_non_finite(vals: pd.DataFrame, path: Path) -> None:
+    # kept (a diverged run is a result), but a mean or a crossing over them is not a number
+    bad = vals[~np.isfinite(vals["val_loss"].to_numpy())]
+    if len(bad):
+        first = bad.iloc[0]
+        _warn(f"{path}: {len(bad)} non-finite val_loss value(s), kept (first: {first['val_loss']} at step "
+              f"{first['step']} of run {first['run']!r})")
 
 
 def _disambiguate(table: pd.DataFrame) -> pd.DataFrame:
@@ -421,13 +445,15 @@ def _disambiguate(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def load_runs(paths) -> pd.DataFrame:
+def load_runs(paths, require: bool = True) -> pd.DataFrame:
     """One tidy table of validation points (run, variant, step, train_time_s, val_loss, source).
 
     paths: run folders, upstream logs, published results markdown, folders of them, and globs of any of these.
     Run names are unique in the result: a name found in several sources is prefixed with `<folder>/<stem>:`.
+    When no input gives a single point it raises ValueError (a figure of nothing is a wrong path, not a result);
+    require=False returns the empty table instead.
     """
-    return _load(paths, with_lambdas=False)[0]
+    return _load(paths, with_lambdas=False, require=require)[0]
 
 
 def load_lambdas(paths) -> pd.DataFrame:

@@ -57,3 +57,10 @@ def test_notebook_on_the_published_value_embedding_runs(tmp_path):
     assert per_run.loc["16", "time_to_target_s"] == pytest.approx(1410.55, abs=0.01)
     ranking = pd.read_csv(out / "rank-time-1200-1400.csv", dtype={"variant": str})
     assert ranking["variant"].tolist() == ["2", "1", "0 (baseline)", "3", "5", "4"]
+
+
+def test_notebook_fails_when_no_input_has_a_point(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(pm.PapermillExecutionError, match=r"no validation points in any input \(1 file"):
+        run_notebook(tmp_path, inputs=[str(tmp_path / "empty.txt"), "runs/no-such-folder/*"], predictions=None)
+    assert not (tmp_path / "out").exists()

@@ -202,13 +202,21 @@ def test_empty_and_missing_inputs_warn_and_give_empty_tables(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "empty.md").write_text("")
     with pytest.warns(ParseWarning) as record:
-        df = load_runs([tmp_path / "empty.txt", tmp_path / "empty.md", tmp_path / "nope.txt"])
+        df = load_runs([tmp_path / "empty.txt", tmp_path / "empty.md", tmp_path / "nope.txt"], require=False)
         lam = load_lambdas(tmp_path / "empty.md")
     assert df.empty and list(df.columns) == VAL_COLUMNS
     assert lam.empty and list(lam.columns) == LAMBDA_COLUMNS
     messages = parse_warnings(record)
     assert any("empty.txt: no validation points" in m for m in messages)
     assert any("nope.txt: no such file" in m for m in messages)
+
+
+def test_every_input_bad_is_an_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    write_run(tmp_path / "runs" / "dead", points=((0, 10.8, 0.0),), metrics=False)
+    (tmp_path / "runs" / "dead" / "log.txt").write_text("# killed before its first validation\n")
+    with pytest.warns(ParseWarning), pytest.raises(ValueError, match=r"no validation points in any input \(2 file"):
+        load_runs([tmp_path / "empty.txt", tmp_path / "runs", tmp_path / "nope*"])
 
 
 def test_markdown_sections_with_lambdas(tmp_path):
@@ -299,6 +307,39 @@ def test_run_folder_with_broken_files(tmp_path):
     assert any("metrics.jsonl:2:" in m for m in messages)
 
 
+def test_suspicious_points_warn(tmp_path):
+    """NaN and inf losses are kept (a diverged run is a result) but said; a step twice keeps its last record (a
+    resume that did not replace it); a fractional step is no step."""
+    folder = write_run(tmp_path / "r", points=((0, 10.8, 0.0), (2, 7.0, 10.0), (4, 6.0, 20.0)))
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    again = json.loads(lines[1])
+    again.update(val_loss=6.5, train_time_ms=12.0)
+    fractional = dict(json.loads(lines[2]), step=2.5)
+    diverged = dict(json.loads(lines[2]), step=6, val_loss=float("nan"))
+    exploded = dict(json.loads(lines[2]), step=8, val_loss=float("inf"))
+    records = [lines[0], lines[1], json.dumps(again), json.dumps(fractional), lines[2], json.dumps(diverged),
+               json.dumps(exploded)]
+    (folder / "metrics.jsonl").write_text("\n".join(records) + "\n")
+    for load in (lambda: load_runs(folder), lambda: load_lambdas(folder)):
+        with pytest.warns(ParseWarning) as record:
+            table = load()
+        messages = parse_warnings(record)
+        assert any("record 3: step 2 again; kept this record" in m for m in messages), messages
+        assert any("record 4: skipped (step 2.5 is not a whole number)" in m for m in messages), messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ParseWarning)
+        vals = load_runs(folder)
+    assert vals["step"].tolist() == [0, 2, 4, 6, 8]
+    assert vals.loc[vals["step"] == 2, ["val_loss", "train_time_s"]].values.tolist() == [[6.5, 0.012]]
+    with pytest.warns(ParseWarning, match=r"r: 2 non-finite val_loss value\(s\), kept \(first: nan at step 6"):
+        load_runs(folder)
+    text = tmp_path / "diverged" / "run.txt"
+    text.parent.mkdir()
+    text.write_text("step:0/10 val_loss:10.8 train_time:0ms step_avg:0ms\nstep:10/10 val_loss:nan train_time:9ms\n")
+    with pytest.warns(ParseWarning, match=r"run.txt: 1 non-finite val_loss value\(s\), kept \(first: nan at step 10"):
+        assert len(load_runs(text)) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # fuzz: truncated and corrupted files never raise
 
@@ -348,7 +389,7 @@ def _load_strictly(path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning but ours (pandas, numpy) is a bug
         warnings.simplefilter("ignore", ParseWarning)
-        return load_runs(path), load_lambdas(path)
+        return load_runs(path, require=False), load_lambdas(path)
 
 
 def _write(tmp_path, kind: str, data: bytes, tag: str) -> Path:

@@ -62,6 +62,17 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
+def check_shards(files: list[str], vocab_size: int) -> None:
+    """Every shard's header, and every token id < vocab_size, before a run starts: otherwise a bad shard is found
+    only when the stream reaches it, hours in, and a bad id as an IndexError deep in the embedding."""
+    for f in files:
+        tokens = read_shard(f)
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            pos = int(np.argmax(tokens >= vocab_size))
+            raise ShardError(f"{f}: token id {int(tokens[pos])} at position {pos} is >= vocab_size={vocab_size}; "
+                             f"allowed: 0..{vocab_size - 1} (was the shard made with another tokenizer?)")
+
+
 def shard_files(data_dir: str | Path, split: str) -> list[str]:
     files = sorted(glob.glob(str(Path(data_dir) / f"*_{split}_*.bin")))
     if not files:

@@ -15,6 +15,7 @@ import torch
 from .config import Config
 from .data import tokenizer
 from .model import GPT
+from .train import load_checkpoint
 
 
 def load_model(run_dir: str | Path) -> GPT:
@@ -22,7 +23,7 @@ def load_model(run_dir: str | Path) -> GPT:
     run_dir = Path(run_dir)
     cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
     model = GPT(cfg)
-    ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = load_checkpoint(run_dir / "checkpoint.pt")
     model.load_state_dict(ck["model"])
     return model.eval()
 

@@ -19,14 +19,19 @@ import os
 if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
+import _thread  # noqa: E402
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pickle  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from datetime import datetime  # noqa: E402
@@ -37,9 +42,12 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from .config import Config, add_config_args, config_from_args  # noqa: E402
-from .data import TokenStream, check_enough_data, shard_files  # noqa: E402
+from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers  # noqa: E402
+from .runfolder import (RUN_LOCK, FolderLock, FolderLocked, end_torn_line, lock_info, process_alive,  # noqa: E402
+                        read_json, read_jsonl, remove_stale_tmp, write_atomically, write_json_atomically,
+                        write_text_atomically)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -78,7 +86,10 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
             cfg_path = Path(args.resume) / "config.json"
             if not (Path(args.resume) / CHECKPOINT).exists():
                 raise ValueError(f"--resume {args.resume}: no {CHECKPOINT} there to continue from")
-            cfg = Config.from_dict(json.loads(cfg_path.read_text()))
+            saved = read_json(cfg_path)
+            if saved is None:
+                raise ValueError(f"--resume {args.resume}: {cfg_path} is missing or unreadable")
+            cfg = Config.from_dict(saved)
         else:
             cfg = config_from_args(args)
             if args.run_dir and not is_new_run_dir(Path(args.run_dir)):
@@ -155,8 +166,8 @@ def resolve_device(cfg: Config) -> torch.device:
 # --- run folder and logging ----------------------------------------------------------------------
 
 def is_new_run_dir(d: Path) -> bool:
-    """Nothing there yet but what the launcher writes first: the executed notebook and console.log."""
-    return not d.exists() or all(p.suffix == ".ipynb" or p.name == "console.log" for p in d.iterdir())
+    """Nothing there yet but what the launcher writes first: the executed notebook, console.log and its lock."""
+    return not d.exists() or all(p.suffix == ".ipynb" or p.name in ("console.log", RUN_LOCK) for p in d.iterdir())
 
 
 def new_run_dir(args, cfg: Config) -> Path:
@@ -178,6 +189,8 @@ class RunLog:
     def __init__(self, run_dir: Path, active: bool, echo_every: int = 1):
         self.dir, self.active, self.echo_every = run_dir, active, echo_every
         self.log = open(run_dir / "log.txt", "a", buffering=1) if active else None
+        self.replace_from: int | None = None  # resumed: the first new record replaces the old ones from this step
+        self.finished: dict | None = None  # resumed after finishing: the summary that stays until it finishes again
 
     def line(self, s: str, console: bool = True) -> None:
         if not self.active:
@@ -187,15 +200,42 @@ class RunLog:
             print(s, flush=True)
 
     def metrics(self, rec: dict) -> None:
-        if self.active:
-            with open(self.dir / "metrics.jsonl", "a") as f:
+        if not self.active:
+            return
+        path = self.dir / "metrics.jsonl"
+        if self.replace_from is None:
+            with open(path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            return
+        # replaced now that a new record exists, not at the resume: a resume that dies first loses nothing
+        old, notes = read_jsonl(path)
+        for note in notes:
+            self.line(f"# {note}")
+        keep = [r for r in old if isinstance(r.get("step"), int) and r["step"] < self.replace_from]
+        write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in keep + [rec]))
+        self.replace_from = None
 
     def write_json(self, name: str, obj: dict) -> None:
         if self.active:
-            tmp = self.dir / (name + ".tmp")
-            tmp.write_text(json.dumps(obj, indent=2))
-            os.replace(tmp, self.dir / name)
+            write_json_atomically(self.dir / name, obj)
+
+    def resume(self) -> None:
+        """Continue a run folder: clear what the interrupted process left half-written, keep what it finished."""
+        if not self.active:
+            return
+        if end_torn_line(self.dir / "log.txt"):  # before our first line, which would be glued to it
+            self.line(f"# {self.dir / 'log.txt'}: ended its torn last line (the run was stopped mid-write)")
+        for name in remove_stale_tmp(self.dir):
+            self.line(f"# removed {name}: a half-written file of the interrupted run")
+        previous = read_json(self.dir / "summary.json")
+        self.finished = previous if previous and previous.get("status") == "finished" else None
+
+    def write_summary(self, summary: dict) -> None:
+        """summary.json holds the newest complete results: while a resumed finished run runs or fails, its finished
+        summary stays (status, numbers) and the resume's own status and error are under "resume"."""
+        if self.finished is not None and summary.get("status") != "finished":
+            summary = {**self.finished, "resume": {k: summary[k] for k in ("status", "error") if k in summary}}
+        self.write_json("summary.json", summary)
 
     def close(self):
         if self.log:
@@ -264,6 +304,36 @@ def lambda_record(model: GPT) -> dict:
     return rec
 
 
+# --- stopping with the launcher ------------------------------------------------------------------
+
+_STOPPED_BY: list[str] = []  # why the watchdog interrupted training: the summary's error
+
+
+def stop_with_parents(poll_s: float = 0.5, grace_s: float = 10.0) -> None:
+    """Under torchrun or our launcher, stop when they are gone: a SIGKILLed launcher cannot stop its children, and
+    a trainer left behind keeps training a folder that a rerun would then train twice. A plain `python -m
+    embxlib.train` is not watched: nohup must keep it running when its shell goes."""
+    torchrun = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+    launcher = int(os.environ["EMBXLIB_LAUNCHER_PID"]) if os.environ.get("EMBXLIB_LAUNCHER_PID") else None
+    if torchrun is None and launcher is None:
+        return
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if torchrun is not None and os.getppid() != torchrun:
+                _STOPPED_BY.append(f"stopped: torchrun (pid {torchrun}) is gone")
+            elif launcher is not None and not process_alive(launcher):
+                _STOPPED_BY.append(f"stopped: the launcher (pid {launcher}) is gone")
+            else:
+                continue
+            _thread.interrupt_main()  # a KeyboardInterrupt in the training loop: the summary and log say why
+            time.sleep(grace_s)  # stuck in a collective whose peers are gone: leave without cleaning up
+            os._exit(1)
+
+    threading.Thread(target=watch, name="stop-with-parents", daemon=True).start()
+
+
 # --- training ------------------------------------------------------------------------------------
 
 def keep_freed_memory() -> None:
@@ -296,9 +366,12 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
     train_files, val_files = shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val")
     resume = args.resume is not None
     run_dir = Path(args.resume) if resume else D.broadcast_object(new_run_dir(args, cfg) if D.rank == 0 else None)
+    lock = hold_run_dir(run_dir) if D.rank == 0 else None
     log = RunLog(run_dir, D.rank == 0)
+    if resume:
+        log.resume()
     summary = dict(status="running", run_dir=str(run_dir), name=cfg.name, preset=cfg.preset, seed=cfg.seed)
-    log.write_json("summary.json", summary)  # a run killed from outside still says it never finished
+    log.write_summary(summary)  # a run killed from outside still says it never finished
     try:
         if resume:
             log.line(f"# resumed from {CHECKPOINT} with world_size {D.world}")
@@ -310,17 +383,34 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
             log.line("data: " + check_enough_data(train_files, val_files, cfg, D.world), console=False)
         summary = _train_loop(cfg, args, D, device, accum, val_steps, train_files, val_files, run_dir, log, summary)
     except BaseException as e:  # keep what we have, say what happened, then fail loudly
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        log.line(f"# FAILED on rank {D.rank}: {type(e).__name__}: {e}")
+        error = _STOPPED_BY[0] if isinstance(e, KeyboardInterrupt) and _STOPPED_BY else f"{type(e).__name__}: {e}"
+        summary.update(status="failed", error=error)
+        try:
+            log.line(f"# FAILED on rank {D.rank}: {error}")
+        except OSError:  # the disk that failed the run may refuse this line too; the summary below says it
+            pass
         if D.rank != 0:
-            print(f"[rank {D.rank}] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"[rank {D.rank}] {error}", file=sys.stderr, flush=True)
         traceback.print_exc()
         raise
     finally:
-        log.write_json("summary.json", summary)
-        log.close()
-        D.close()
+        try:
+            log.write_summary(summary)
+        finally:
+            log.close()
+            D.close()
+            if lock is not None:
+                lock.release()
     return run_dir
+
+
+def hold_run_dir(run_dir: Path) -> FolderLock | None:
+    """Rank 0 holds the run folder's lock while it trains; a launcher holds it for the trainers it starts."""
+    holder = lock_info(run_dir)
+    launcher = os.environ.get("EMBXLIB_LAUNCHER_PID")
+    if launcher and str(holder.get("pid")) == launcher and holder.get("host") == socket.gethostname():
+        return None
+    return FolderLock(run_dir, RUN_LOCK).acquire()
 
 
 def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_files, run_dir, log, summary):
@@ -337,14 +427,14 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
                          order_seed=cfg.seed if cfg.shuffle_data else None)
     step, train_ms, history = 0, 0.0, []
     if args.resume:
-        ck = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+        ck = load_checkpoint(run_dir / CHECKPOINT, device)
         model.load_state_dict(ck["model"])
         adam.load_state_dict(ck["adam"])
         muon.load_state_dict(ck["muon"])
         stream.load_state_dict(ck["stream"])
         step, train_ms = ck["step"], ck["train_time_ms"]
         history = [h for h in ck["history"] if h[0] < step]  # step `step` itself is validated again below
-        _drop_metrics_from(run_dir, step, D.rank == 0)
+        log.replace_from = step  # the step is validated again: its new record replaces the old from there on
 
     def sync():
         if device.type == "cuda":
@@ -480,23 +570,23 @@ def evaluate(model, fwd, cfg, val_files, val_steps, D, device, window):
     return val, D.all_reduce_mean(norms).tolist()
 
 
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    """Tensors and plain data only (weights_only): unpickling anything else could run code from a shared file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"[Uu]nsupported [^\n]*?(?=\.?\n|\.?$)", str(e))
+        detail = found[0] if found else "not a weights-only checkpoint"
+        raise ValueError(f"{path}: holds more than tensors and plain data ({detail}); refusing to unpickle it: "
+                         f"it could run code") from None
+
+
 def save_checkpoint(run_dir, is_rank0, model, adam, muon, stream, step, train_ms, history, cfg):
     if not is_rank0:
         return
     ck = dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(), stream=stream.state_dict(),
               step=step, train_time_ms=train_ms, history=history, config=cfg.to_dict())
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(ck, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)  # never a half-written checkpoint
-
-
-def _drop_metrics_from(run_dir: Path, step: int, active: bool) -> None:
-    """Validation records from the checkpoint's step on are recomputed on resume; keep each step once."""
-    path = run_dir / "metrics.jsonl"
-    if not active or not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    write_atomically(run_dir / CHECKPOINT, lambda f: torch.save(ck, f))  # never a half-written checkpoint
 
 
 def dry_run(cfg: Config, world: int) -> None:
@@ -522,14 +612,20 @@ def main(argv=None) -> None:
     keep_freed_memory()
     if os.environ.get("WORLD_SIZE", "1") != "1" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-    try:  # before any folder is made: the shards exist and hold enough tokens for the whole run
-        check_enough_data(shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val"), cfg,
-                          int(os.environ.get("WORLD_SIZE", "1")))
-    except FileNotFoundError as e:
+    try:  # before any folder is made: the shards exist, are sound (every one, read by rank 0) and hold enough tokens
+        train_files, val_files = shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val")
+        if int(os.environ.get("RANK", "0")) == 0:  # one reader is enough: the other ranks wait for its run folder
+            check_shards(train_files + val_files, cfg.vocab_size)
+        check_enough_data(train_files, val_files, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except (FileNotFoundError, ShardError) as e:
         sys.exit(f"error: data_dir={cfg.data_dir!r}: {e}")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    train(cfg, args, ["python -m embxlib.train", *argv])
+    stop_with_parents()
+    try:
+        train(cfg, args, ["python -m embxlib.train", *argv])
+    except FolderLocked as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Data: shard format, offline tokenizer, the bundled corpus, the distributed stream, the FineWeb downloader."""
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
 from embxlib.config import EOT_TOKEN
 from embxlib.config import medium, medium_x01, tiny
 from embxlib.data import (HEADER_INTS, MAGIC, DataExhausted, ShardError, TokenStream, build_corpus, check_enough_data,
-                          download_fineweb, fineweb_chunks_for, fineweb_filenames, read_shard, sha256,
+                          check_shards, download_fineweb, fineweb_chunks_for, fineweb_filenames, read_shard, sha256,
                           steps_available, tokenizer, write_shard)
+from conftest import FAST, PYTHON, python_env
 
 
 def test_shard_round_trip(tmp_path):
@@ -222,3 +226,34 @@ def test_ngram_references_of_the_bundled_corpus(corpus):
     from embxlib.data import corpus_ngram_losses
     ref = corpus_ngram_losses(corpus, 65536)
     assert 5.3 < ref["bigram"] < 5.45 and 6.5 < ref["unigram"] < 6.7
+def test_check_shards_names_the_shard_and_position_of_a_bad_token(tmp_path):
+    good, bad = tmp_path / "x_train_000000.bin", tmp_path / "x_train_000001.bin"
+    write_shard(good, np.arange(100))
+    write_shard(bad, [1, 2, 3, 50256, 50300, 7])
+    check_shards([str(good)], vocab_size=50257)
+    with pytest.raises(ShardError, match=r"x_train_000001.bin: token id 50300 at position 4 is >= vocab_size=50257; "
+                                         r"allowed: 0..50256"):
+        check_shards([str(good), str(bad)], vocab_size=50257)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("token", "x_train_000002.bin: token id 60000 at position 3 is >= vocab_size=50257"),
+    ("header", "x_train_000002.bin: magic number 1234"),
+])
+def test_training_checks_every_shard_before_making_its_run_folder(corpus, tmp_path, damage, message):
+    """The stream of a short run never reaches the third shard: it is checked anyway, before anything is written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in corpus.glob("*.bin"):
+        shutil.copy(f, data / f.name.replace("shakespeare", "x"))
+    write_shard(data / "x_train_000002.bin", [1, 2, 3, 60000 if damage == "token" else 4, 5])
+    if damage == "header":
+        raw = bytearray((data / "x_train_000002.bin").read_bytes())
+        raw[:4] = np.int32(1234).tobytes()
+        (data / "x_train_000002.bin").write_bytes(bytes(raw))
+    run = tmp_path / "runs" / "r"
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", *FAST, "--data-dir", str(data), "--run-dir", str(run)],
+                       capture_output=True, text=True, env=python_env(), timeout=120)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: data_dir='{data}': ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

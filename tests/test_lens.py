@@ -1,9 +1,12 @@
 """Logit lens on a tiny model: components decoded through the head, checked against a hand computation,
 and loaded from a run folder in the format train.py writes."""
 import json
+import os
 
+import pytest
 import torch
 
+from embxlib import train
 from embxlib.config import tiny
 from embxlib.data import tokenizer
 from embxlib.lens import load_model, logit_lens, topk
@@ -44,3 +47,29 @@ def test_model_loads_from_a_run_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(m.cfg.to_dict()))
     torch.save({"model": m.state_dict()}, tmp_path / "checkpoint.pt")
     assert logit_lens(tmp_path, TEXT, positions=6).equals(logit_lens(m, TEXT, positions=6))
+
+
+class RunsCode:
+    """What a hostile checkpoint.pt can hold: unpickling it calls os.mkdir (it could be anything)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_checkpoints_are_loaded_as_weights_only(corpus, tmp_path):
+    m = random_model()
+    cfg = dict(m.cfg.to_dict(), data_dir=str(corpus))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "code-ran"
+    torch.save({"model": m.state_dict(), "step": 0, "extra": RunsCode(marker)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint.pt: holds more than tensors and plain data \(unsupported GLOBAL "
+                                         r"posix.mkdir.*\); refusing to unpickle it"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="refusing to unpickle it"):
+        train.main(["--resume", str(tmp_path)])
+    assert not marker.exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "refusing to unpickle it" in summary["error"]

@@ -10,6 +10,8 @@ lines reach the notebook's output, everything goes to <run>/console.log).
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import itertools
 import json
 import os
@@ -23,7 +25,9 @@ from collections import deque
 from datetime import datetime
 from pathlib import Path
 
-from .config import PRESETS, Config, coerce
+from .config import PRESETS, Config, coerce, coerce_value
+from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, check_folder_name, end_torn_line, read_json,
+                        write_atomically, write_text_atomically)
 from .train import is_new_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +37,8 @@ CONFIG_FIELDS = list(Config.__dataclass_fields__)
 # launch settings of run_variant.ipynb besides the Config fields (defaults; a test keeps the notebook in step)
 LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="", master_port=29500,
                        run_name="", runs_root="runs", resume=False, progress=True, fail_at_step=-1, fail_rank=0)
+# parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
+SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, sweep_dir="runs/sweep", nproc_per_node=1)
 
 
 class LaunchError(RuntimeError):
@@ -56,11 +62,43 @@ def default_nproc() -> int:
     return torch.cuda.device_count() or 1
 
 
+def unknown_names(given, allowed) -> str:
+    """'unknown parameter(s) [...] (did you mean ...?)' for the names in given that are not in allowed, or ''."""
+    unknown = sorted(set(given) - set(allowed))
+    if not unknown:
+        return ""
+    close = {u: difflib.get_close_matches(str(u), list(allowed), n=1) for u in unknown}
+    hints = [f"{c[0]!r}" + (f" for {u!r}" if len(unknown) > 1 else "") for u, c in close.items() if c]
+    return f"unknown parameter(s) {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+
+
+def check_injected(allowed) -> None:
+    """papermill only warns about a -p/-y name that its notebook does not have, then runs with the default: a
+    misspelt parameter would silently train the baseline. Fail on any name that papermill's injected cell
+    ('# Parameters') set and that is not a parameter of the notebook."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    injected = [t.id for src in shell.user_ns.get("In", []) if src.startswith("# Parameters\n")
+                for node in ast.parse(src).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)]
+    message = unknown_names(injected, allowed)
+    if message:
+        raise ValueError(f"{message}; allowed: the parameters cell of this notebook")
+
+
 def check_settings(s: dict) -> dict:
+    message = unknown_names(s, LAUNCH_SETTINGS)
+    if message:
+        raise ValueError(f"{message}; allowed launch settings: {sorted(LAUNCH_SETTINGS)}")
     s = {**LAUNCH_SETTINGS, **s}
-    unknown = set(s) - set(LAUNCH_SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown launch setting(s) {sorted(unknown)}; allowed: {sorted(LAUNCH_SETTINGS)}")
+    for k, default in LAUNCH_SETTINGS.items():
+        if s[k] is not None or default is not None:  # None: nproc_per_node's "one per GPU"
+            s[k] = coerce_value(k, s[k], int if default is None else type(default))
     if s["nproc_per_node"] is None:
         s["nproc_per_node"] = default_nproc()
     for k in ("nproc_per_node", "nnodes"):
@@ -70,8 +108,10 @@ def check_settings(s: dict) -> dict:
         raise ValueError(f"node_rank={s['node_rank']!r}: must be in 0..nnodes-1={s['nnodes'] - 1}")
     if s["nnodes"] > 1 and not s["master_addr"]:
         raise ValueError("master_addr='': several nodes need the address of node 0")
-    if s["run_name"] and (Path(s["run_name"]).name != s["run_name"] or s["run_name"].startswith(".")):
-        raise ValueError(f"run_name={s['run_name']!r}: must be a plain folder name (no '/')")
+    if s["run_name"]:
+        check_folder_name("run_name", s["run_name"])
+    if not s["runs_root"]:
+        raise ValueError("runs_root='': needs a folder (e.g. runs)")
     return s
 
 
@@ -84,8 +124,7 @@ def run_state(run_dir: Path) -> str:
     """new (nothing there but executed notebooks), finished, resumable (a checkpoint), or broken."""
     if is_new_run_dir(run_dir):
         return "new"
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
+    if (read_json(run_dir / "summary.json") or {}).get("status") == "finished":
         return "finished"
     return "resumable" if (run_dir / "checkpoint.pt").exists() else "broken"
 
@@ -130,33 +169,42 @@ def launch(params: dict, echo=print, **settings) -> Path:
     """Validate, start torchrun, stream its output to <run>/console.log and a tqdm bar, return the run folder.
     Raises LaunchError with the failing rank's last lines if the run fails; no child process is left behind."""
     s = check_settings(settings)
+    message = unknown_names(params, CONFIG_FIELDS)
+    if message:
+        raise ValueError(f"{message}; allowed: Config fields and the launch settings {sorted(LAUNCH_SETTINGS)}")
     world = s["nproc_per_node"] * s["nnodes"]
-    cfg = resolve({k: v for k, v in params.items() if k in CONFIG_FIELDS}, world)
-    unknown = set(params) - set(CONFIG_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; allowed: Config fields and {sorted(LAUNCH_SETTINGS)}")
+    cfg = resolve(params, world)
     run_dir = run_dir_for(cfg, s)
-    state = run_state(run_dir)
-    if state == "finished":
+    if run_state(run_dir) == "finished":
         echo(f"{run_dir}: already finished, nothing to train")
         return run_dir
-    if state in ("resumable", "broken") and not s["resume"]:
-        raise ValueError(f"run_name={run_dir.name!r}: {run_dir} already holds a run; runs are never overwritten "
-                         f"(pick another run_name, or resume=True to continue it)")
-    if state == "broken":
-        raise ValueError(f"{run_dir} has no checkpoint to resume from; move it away or pick another run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = command(cfg, params, s, run_dir, resume=state == "resumable")
-    threads = max(1, (os.cpu_count() or 1) // s["nproc_per_node"])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    _stream(cmd, env, run_dir, cfg, s["progress"], echo)
+    with FolderLock(run_dir, RUN_LOCK, note=echo):  # held until torchrun has ended: one launcher per folder
+        state = run_state(run_dir)
+        if state == "finished":
+            echo(f"{run_dir}: already finished, nothing to train")
+            return run_dir
+        if state in ("resumable", "broken") and not s["resume"]:
+            raise ValueError(f"run_name={run_dir.name!r}: {run_dir} already holds a run; runs are never overwritten "
+                             f"(pick another run_name, or resume=True to continue it)")
+        if state == "broken":
+            raise ValueError(f"{run_dir} has no checkpoint to resume from; move it away or pick another run_name")
+        cmd = command(cfg, params, s, run_dir, resume=state == "resumable")
+        threads = max(1, (os.cpu_count() or 1) // s["nproc_per_node"])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+               "EMBXLIB_LAUNCHER_PID": str(os.getpid())}  # the trainers stop when this process is gone
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        _stream(cmd, env, run_dir, cfg, s["progress"], echo)
     return run_dir
 
 
 def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
     from tqdm.auto import tqdm
     tail: deque[str] = deque(maxlen=40)
+    causes: list[str] = []  # error lines from anywhere in the output: torchrun's report can push them out of the tail
+    if end_torn_line(run_dir / "console.log"):
+        echo(f"{run_dir / 'console.log'}: ended its torn last line (the previous launcher was stopped mid-write)")
     bar = tqdm(total=cfg.num_iterations, desc=run_dir.name, disable=not progress, mininterval=2.0)
     # a session of its own: on failure or interrupt the whole torchrun tree is killed, nothing is left running
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
@@ -167,6 +215,8 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
             for line in proc.stdout:
                 con.write(line)
                 tail.append(line.rstrip("\n"))
+                if len(causes) < 8 and _CAUSE.match(line.strip()) and line.strip() not in causes:
+                    causes.append(line.strip())
                 m = STEP.search(line)
                 if not m:
                     continue
@@ -184,14 +234,15 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
         bar.close()
         _kill(proc)
     if rc != 0:
-        raise LaunchError(f"training failed (exit code {rc}); full output in {run_dir / 'console.log'}; "
-                          f"last lines:\n" + "\n".join(_failing_lines(tail)))
+        raise LaunchError(f"training failed (exit code {rc}): {causes[0] if causes else 'no error line in its output'}"
+                          f"; full output in {run_dir / 'console.log'}; errors found there:\n" + "\n".join(causes)
+                          + "\n...\nlast lines:\n" + "\n".join(list(tail)[-20:]))
 
 
-def _failing_lines(tail) -> list[str]:
-    """The failing rank's own error first (train.py prints '[rank N] Error: ...'), then the end of the output."""
-    own = [t for t in tail if re.match(r"\[rank \d+\] \w+", t) or "FAILED on rank" in t]
-    return own + ["..."] + list(tail)[-20:]
+# the lines that say why a run failed: our trainer's own reports, argparse's and main()'s "error:", the last line
+# of a Python traceback, and the signal that killed a rank (torchrun's report, e.g. the kernel's OOM killer)
+_CAUSE = re.compile(r"\[rank \d+\] \w|# FAILED on rank|(?:[\w. -]+: )?error: |(?:\w+\.)*(?!ChildFailedError)\w*"
+                    r"(?:Error|Exception)\b:? |(?:traceback : )?Signal \d+ \(SIG(?!TERM)\w+\) received")
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -226,7 +277,7 @@ def show_run(run_dir: Path, save: bool = True):
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     if save:
-        fig.savefig(run_dir / "loss.png", dpi=110)
+        write_atomically(run_dir / "loss.png", lambda f: fig.savefig(f, format="png", dpi=110))
     return fig
 
 
@@ -240,50 +291,106 @@ def run_notebook(parameters: dict, output: Path, notebook: Path = NOTEBOOK, log_
 
 
 def sweep_runs(grid: dict, seeds, base: dict | None = None) -> list[tuple[str, dict]]:
-    """(run_name, parameters) for every combination of the grid and every seed, named from the parameters."""
-    base = dict(base or {})
+    """(run_name, parameters) for every combination of the grid and every seed, named from the parameters.
+    Raises ValueError naming the setting when a value has the wrong shape or two runs would share a folder."""
+    if not isinstance(grid, dict):
+        raise ValueError(f"grid={grid!r}: expected a mapping Config field -> list of values, e.g. {{extra_embeds: [0, 1]}}")
+    base = {} if base is None else base
+    if not isinstance(base, dict):
+        raise ValueError(f"base={base!r}: expected a mapping Config field -> value, e.g. {{num_iterations: 100}}")
     for k in list(grid) + list(base):
         if k not in CONFIG_FIELDS:
-            raise ValueError(f"sweep parameter {k!r} is not a Config field")
+            hint = difflib.get_close_matches(str(k), CONFIG_FIELDS, n=1)
+            raise ValueError(f"sweep parameter {k!r} is not a Config field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    for k, values in grid.items():
+        _check_list(f"grid[{k!r}]", values, f"[{values!r}]" if not isinstance(values, (list, tuple)) else "[0, 1]")
+    _check_list("seeds", seeds, f"[{seeds!r}]" if not isinstance(seeds, (list, tuple)) else "[0, 1, 2]")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seeds={seeds!r}: seed {seed!r} is not an integer")
+    clash = [k for k in ("seed", *grid) if k in base] + (["seed"] if "seed" in grid else [])
+    if clash:
+        raise ValueError(f"{clash[0]!r} is set by {'seeds' if clash[0] == 'seed' else 'grid'}; drop it from "
+                         f"{'base' if clash[0] in base else 'grid'}")
     keys = list(grid)
     out = []
     for values in itertools.product(*(grid[k] for k in keys)):
         for seed in seeds:
             p = {**base, **dict(zip(keys, values)), "seed": seed}
             label = "_".join(f"{k}{_label(v)}" for k, v in zip(keys, values)) or "base"
-            out.append((f"{label}_s{seed}", p))
+            out.append((check_folder_name("run name", f"{label}_s{seed}"), p))
     return out
 
 
+def _check_list(what: str, values, example: str) -> None:
+    """A non-empty list whose values give distinct run names: a duplicate would train one folder twice."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{what}={values!r}: expected a list, e.g. {example}")
+    if not values:
+        raise ValueError(f"{what}=[]: needs at least one value")
+    labels = [_label(v) for v in values]
+    twice = sorted({v for v in labels if labels.count(v) > 1})
+    if twice:
+        raise ValueError(f"{what}={list(values)!r}: {', '.join(twice)} given twice; each value once")
+
+
 def _label(v) -> str:
-    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) if v != "" else "none"
+    text = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) if v != "" else "none"
+    return text.replace("/", "_").replace("\\", "_")  # a path as a value (data_dir) stays one folder name
+
+
+def sweep_spec(spec) -> dict:
+    """The keyword arguments of sweep() from a YAML mapping; unknown or missing keys are errors."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"sweep YAML {spec!r}: expected a mapping with keys {sorted(SWEEP_SETTINGS)}")
+    message = unknown_names(spec, SWEEP_SETTINGS)
+    if message:
+        raise ValueError(f"{message}; allowed sweep keys: {sorted(SWEEP_SETTINGS)}")
+    if "grid" not in spec:
+        raise ValueError("sweep YAML needs grid: Config field -> list of values, e.g. '{grid: {extra_embeds: [0, 1]}}'")
+    return {**SWEEP_SETTINGS, **spec}
+
+
+def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep",
+                nproc_per_node: int = 1) -> list[tuple[str, dict]]:
+    """Everything a sweep checks before its first run starts; its runs as sweep_runs gives them."""
+    if not isinstance(sweep_dir, (str, os.PathLike)) or not str(sweep_dir):
+        raise ValueError(f"sweep_dir={sweep_dir!r}: expected a folder, e.g. runs/sweep")
+    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node={nproc_per_node!r}: must be an integer >= 1")
+    runs = sweep_runs(grid, seeds, base)
+    for name, p in runs:
+        resolve(p, nproc_per_node)
+    return runs
 
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
           echo=print) -> "pd.DataFrame":
     """Run every (variant, seed) through nbs/run_variant.ipynb with papermill, one after another, each into
     <sweep_dir>/<name>/. Finished runs are skipped, interrupted ones resumed from their checkpoints.
-    Writes and returns the summary table <sweep_dir>/summary.csv."""
+    Writes and returns the summary table <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir."""
+    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node)
     sweep_dir = Path(sweep_dir)
-    runs = sweep_runs(grid, seeds, base)
-    for name, p in runs:  # every parameter is checked before the first run starts
-        resolve(p, nproc_per_node)
-    for i, (name, p) in enumerate(runs):
-        run_dir = sweep_dir / name
-        state = run_state(run_dir)
-        if state == "finished":
-            echo(f"[{i + 1}/{len(runs)}] {name}: finished, skipped")
-            continue
-        if state == "broken":  # crashed before its first checkpoint: keep it aside, start again
-            aside = run_dir.with_name(f"{name}.failed-{datetime.now():%Y%m%d-%H%M%S}")
-            run_dir.rename(aside)
-            echo(f"[{i + 1}/{len(runs)}] {name}: no checkpoint, moved to {aside.name}, starting again")
-        echo(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'}")
-        out = run_dir / ("notebook-resumed.ipynb" if state == "resumable" else "notebook.ipynb")
-        run_notebook({**p, "run_name": name, "runs_root": str(sweep_dir), "resume": True,
-                      "nproc_per_node": nproc_per_node, "progress": False}, out)
-    table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"])
-    table.to_csv(sweep_dir / "summary.csv", index=False)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
+        for i, (name, p) in enumerate(runs):
+            run_dir = sweep_dir / name
+            state = run_state(run_dir)
+            if state == "finished":
+                echo(f"[{i + 1}/{len(runs)}] {name}: finished, skipped")
+                continue
+            if state == "broken":  # crashed before its first checkpoint: keep it aside, start again
+                aside = run_dir.with_name(f"{name}.failed-{datetime.now():%Y%m%d-%H%M%S}")
+                with FolderLock(run_dir, RUN_LOCK, note=echo):  # not while a launcher outside the sweep trains it
+                    run_dir.rename(aside)
+                echo(f"[{i + 1}/{len(runs)}] {name}: no checkpoint, moved to {aside.name}, starting again")
+            echo(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'}")
+            out = run_dir / (f"notebook-resumed-{datetime.now():%Y%m%d-%H%M%S}.ipynb" if state == "resumable"
+                             else "notebook.ipynb")
+            run_notebook({**p, "run_name": name, "runs_root": str(sweep_dir), "resume": True,
+                          "nproc_per_node": nproc_per_node, "progress": False}, out)
+        table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"])
+        write_text_atomically(sweep_dir / "summary.csv", table.to_csv(index=False))
     return table
 
 
@@ -292,8 +399,8 @@ def sweep_table(sweep_dir: Path, names: list[str], keys: list[str]):
     rows = []
     for name in names:
         d = Path(sweep_dir) / name
-        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
-        s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        cfg = read_json(d / "config.json") or {}
+        s = read_json(d / "summary.json") or {}
         t = s.get("time_to_target_ms")
         rows.append({"run": name, **{k: _label(cfg.get(k, "")) if isinstance(cfg.get(k), (list, tuple))
                                      else cfg.get(k) for k in keys}, "variant": cfg.get("name"),
@@ -333,8 +440,12 @@ def main(argv=None):
     if args.cmd == "demo":
         demo(args.runs_root)
     else:
-        spec = yaml.safe_load(args.yaml)
-        print(sweep(spec["grid"], spec.get("seeds", [0]), spec.get("base"), spec.get("sweep_dir", "runs/sweep")))
+        try:
+            spec = sweep_spec(yaml.safe_load(args.yaml))
+            check_sweep(**spec)  # the error before the first run, not a traceback
+        except (ValueError, yaml.YAMLError) as e:
+            ap.exit(2, f"{ap.prog} sweep: error: {e}\n")
+        print(sweep(**spec))
 
 
 if __name__ == "__main__":

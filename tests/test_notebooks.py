@@ -3,6 +3,7 @@ a run, a bad parameter, a failing rank, a sweep that resumes instead of retraini
 import ast
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -82,9 +83,14 @@ def test_papermill_runs_a_variant(corpus, tmp_path):
     assert "train_loss" in (run / "console.log").read_text()
 
 
-@pytest.mark.parametrize("param, value, message", [("extra_embeds", -1, "extra_embeds=-1: must be >= 0"),
-                                                   ("nproc_per_node", 0, "nproc_per_node=0"),
-                                                   ("ve_layout", "diagonal", "ve_layout='diagonal'")])
+@pytest.mark.parametrize("param, value, message", [
+    ("extra_embeds", -1, "extra_embeds=-1: must be >= 0"),
+    ("nproc_per_node", 0, "nproc_per_node=0"),
+    ("ve_layout", "diagonal", "ve_layout='diagonal'"),
+    ("extra_embed", 3, "unknown parameter(s) ['extra_embed'] (did you mean 'extra_embeds'?)"),  # papermill only warns
+    ("name", "a/../../../x", "name='a/../../../x': must be one plain folder name"),
+    ("resume", "yes", "resume='yes': expected true or false"),
+])
 def test_bad_parameter_fails_fast_without_starting_anything(corpus, tmp_path, param, value, message):
     t = time.time()
     with pytest.raises(pm.PapermillExecutionError, match=message):
@@ -92,7 +98,15 @@ def test_bad_parameter_fails_fast_without_starting_anything(corpus, tmp_path, pa
                             progress_bar=False, parameters={**fast_params(corpus), param: value, "run_name": "bad",
                                                             "runs_root": str(tmp_path / "runs")})
     assert time.time() - t < 60
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.parent.glob("*x_s*"))  # nothing in runs_root or out
+
+
+def test_unknown_sweep_parameter_fails_fast(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match=re.escape("unknown parameter(s) ['seed'] (did you mean 'seeds'?)")):
+        pm.execute_notebook(str(ROOT / "nbs" / "sweep.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(ROOT),
+                            progress_bar=False, parameters={"seed": [3], "sweep_dir": str(tmp_path / "sweep"),
+                                                            "base": {"data_dir": str(tmp_path / "no-data")}})
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.slow

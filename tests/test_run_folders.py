@@ -1,0 +1,281 @@
+"""Run folders under faults: results are replaced only by newer complete results, resumes survive torn writes and
+leftovers, a full disk fails cleanly, one process trains a folder, and a killed launcher leaves no process behind.
+Real trainers, real SIGKILLs, real file-size limits."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from embxlib import launch, train
+from embxlib.runfolder import RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name
+from conftest import FAST, PYTHON, ROOT, python_env
+from test_notebooks import fast_params
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def steps_in_metrics(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def file_has(path, text):
+    return lambda: Path(path).exists() and text in Path(path).read_text(errors="replace")
+
+
+# --- results are never lost -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_keeps_its_results_until_it_finishes_again(fast_args, tmp_path):
+    run = tmp_path / "run"
+    train.main(fast_args(run))
+    finished = read_json(run / "summary.json")
+    assert finished["status"] == "finished"
+
+    # killed while resuming: the finished results stay, the resume's state is under "resume"
+    proc = subprocess.Popen([PYTHON, "-m", "embxlib.train", "--resume", str(run)], env=python_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(file_has(run / "log.txt", "# resumed from"), 60, "the resume to start")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert read_json(run / "summary.json") == {**finished, "resume": {"status": "running"}}
+
+    # a resume that fails: the failure is recorded next to the results it did not replace
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(checkpoint[: len(checkpoint) // 2])
+    with pytest.raises(RuntimeError):
+        train.main(["--resume", str(run)])
+    failed = read_json(run / "summary.json")
+    assert {k: v for k, v in failed.items() if k != "resume"} == finished
+    assert failed["resume"]["status"] == "failed" and "RuntimeError" in failed["resume"]["error"]
+    assert steps_in_metrics(run) == [0, 2, 4]  # the final record was not dropped by the resumes that died
+
+    # a resume that finishes replaces them
+    (run / "checkpoint.pt").write_bytes(checkpoint)
+    train.main(["--resume", str(run)])
+    again = read_json(run / "summary.json")
+    assert again["status"] == "finished" and "resume" not in again
+    assert again["final_val_loss"] == pytest.approx(finished["final_val_loss"], abs=1e-6)
+    assert steps_in_metrics(run) == [0, 2, 4]
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_mid_write(fast_args, tmp_path):
+    """Torn last lines in metrics.jsonl and log.txt and half-written .tmp files, as a SIGKILL mid-write leaves them."""
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train.main(fast_args(run, "--num-iterations", "6", "--save-every", "2", "--fail-at-step", "3"))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "val_loss": 10.6, "train_ti')
+    with open(run / "log.txt", "a") as f:
+        f.write("step:4/6 train_loss:10.")
+    (run / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    (run / "summary.json.tmp").write_text('{"status": "fin')
+    train.main(["--resume", str(run)])
+    assert read_json(run / "summary.json")["status"] == "finished"
+    assert steps_in_metrics(run) == [0, 2, 4, 6]
+    assert sorted(p.name for p in run.glob("*.tmp")) == []
+    log = (run / "log.txt").read_text()
+    assert f"# {run / 'log.txt'}: ended its torn last line" in log
+    assert f"# {run / 'metrics.jsonl'}:3: dropped an unreadable line" in log
+    assert "# removed checkpoint.pt.tmp: a half-written file of the interrupted run" in log
+    assert "# removed summary.json.tmp" in log
+    assert "step:4/6 train_loss:10.\n" in log  # the torn line kept, ended: nothing glued to it
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_run_cleanly(corpus, tmp_path):
+    """RLIMIT_FSIZE makes every write past 20 MB fail with EFBIG (Python ignores SIGXFSZ): the checkpoint cannot be
+    written, the small files can."""
+    run = tmp_path / "run"
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20)); "
+            "from embxlib.train import main; main(sys.argv[1:])")
+    r = subprocess.run([PYTHON, "-c", code, *FAST, "--data-dir", str(corpus), "--run-dir", str(run)],
+                       capture_output=True, text=True, env=python_env(), timeout=180)
+    assert r.returncode == 1
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "failed"
+    assert summary["error"] == f"OSError: [Errno 27] File too large: '{run / 'checkpoint.pt'}'"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "log.txt", "metrics.jsonl", "summary.json"]
+    assert "# FAILED on rank 0: OSError: [Errno 27] File too large" in (run / "log.txt").read_text()
+
+
+# --- one process per folder -----------------------------------------------------------------------------
+
+def hold_lock(folder, name=RUN_LOCK):
+    proc = subprocess.Popen([PYTHON, "-c", "import sys, time; from embxlib.runfolder import FolderLock; "
+                             "FolderLock(sys.argv[1], sys.argv[2]).acquire(); print('held', flush=True); time.sleep(120)",
+                             str(folder), name], env=python_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_locked_run_folder_is_refused_and_a_dead_holder_taken_over(fast_args, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = hold_lock(run)
+    try:
+        with pytest.raises(FolderLocked, match=rf"{run} is in use by pid {holder.pid} on \S+ since \S+ \(.*\) "
+                                               rf"\({run / RUN_LOCK}\); two processes never train one folder"):
+            FolderLock(run).acquire()
+        with pytest.raises(SystemExit, match=rf"error: {run} is in use by pid {holder.pid}"):
+            train.main(fast_args(run))
+        assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]  # the trainer wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    notes = []
+    with FolderLock(run, note=notes.append):
+        assert read_json(run / RUN_LOCK)["pid"] == os.getpid()
+    assert len(notes) == 1 and re.fullmatch(rf"{re.escape(str(run / RUN_LOCK))}: took over the lock left by pid "
+                                            rf"{holder.pid} on \S+ since \S+ \(.*\): that process is gone", notes[0])
+    assert not (run / RUN_LOCK).exists()
+
+
+def test_a_second_sweep_into_a_folder_is_refused(corpus, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    holder = hold_lock(sweep_dir, SWEEP_LOCK)
+    try:
+        with pytest.raises(FolderLocked, match=rf"{sweep_dir} is in use by pid {holder.pid}"):
+            launch.sweep({"extra_embeds": [0]}, [0], fast_params(corpus), sweep_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [SWEEP_LOCK]  # no run folder, no notebook
+
+
+@pytest.mark.slow
+def test_killing_a_sweep_stops_every_process_under_it(corpus, tmp_path):
+    """SIGKILL of the papermill process of a sweep: its kernel, the run's papermill kernel, torchrun and the trainer
+    all end, and a second launcher is refused while they run."""
+    sweep_dir = tmp_path / "sweep"
+    run = sweep_dir / "extra_embeds1_s0"
+    # a wide model validating 64k tokens at step 0: a minute in which the trainer prints nothing, so nothing but the
+    # watchdog can stop it (a broken pipe to the dead kernel would only at its next line)
+    base = {**fast_params(corpus), "num_iterations": 100000, "val_tokens": 65536, "val_seq_len": 4096,
+            "model_dim": 512, "num_heads": 4, "head_dim": 128, "mlp_dim": 2048}
+    spec = json.dumps({"grid": {"extra_embeds": [1]}, "seeds": [0], "base": base, "sweep_dir": str(sweep_dir)})
+    papermill = subprocess.Popen([str(Path(PYTHON).parent / "papermill"), str(ROOT / "nbs" / "sweep.ipynb"),
+                                  str(tmp_path / "sweep.ipynb"), "-y", spec, "--cwd", str(ROOT)], env=python_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(file_has(run / "log.txt", "grad_accum_steps"), 180, "the sweep's run to start")
+        with pytest.raises(FolderLocked, match=rf"{run} is in use by pid \d+ on"):
+            launch.launch({**base, "extra_embeds": 1, "seed": 0}, run_name=run.name, runs_root=str(sweep_dir),
+                          resume=True, progress=False)
+        assert processes_mentioning(str(run))
+        os.kill(papermill.pid, signal.SIGKILL)
+        wait_for(lambda: not processes_mentioning(str(run)), 30, "torchrun and the trainer to stop")
+    finally:  # what a failure of this test would leave behind: the processes it started, found by their folder
+        os.killpg(papermill.pid, signal.SIGKILL)
+        papermill.wait()
+        for pid in processes_mentioning(str(run)):
+            os.kill(pid, signal.SIGKILL)
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "failed" and summary["error"].startswith("stopped: the launcher (pid ")
+    assert "# FAILED on rank 0: stopped: the launcher" in (run / "log.txt").read_text()
+
+
+# --- clear errors -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_launch_error_names_the_cause_from_the_console_log(corpus, tmp_path):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    with pytest.raises(launch.LaunchError) as err:
+        launch.launch({**fast_params(corpus), "data_dir": str(empty)}, run_name="r", runs_root=str(tmp_path / "runs"),
+                      nproc_per_node=2, progress=False)
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"training failed (exit code 1): error: data_dir='{empty}': no *_train_*.bin shards in")
+    assert str(tmp_path / "runs" / "r" / "console.log") in first
+
+
+GRID = {"extra_embeds": [0]}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"grid": {"extra_embeds": []}}, "grid['extra_embeds']=[]: needs at least one value"),
+    ({"grid": GRID, "seeds": []}, "seeds=[]: needs at least one value"),
+    ({"grid": {"extra_embeds": 3}}, "grid['extra_embeds']=3: expected a list, e.g. [3]"),
+    ({"grid": GRID, "seeds": 3}, "seeds=3: expected a list, e.g. [3]"),
+    ({"seeds": [0, 1]}, "sweep YAML needs grid: Config field -> list of values"),
+    ({"grid": GRID, "seed": [1]}, "unknown parameter(s) ['seed'] (did you mean 'seeds'?)"),
+    ({"grid": GRID, "seeds": [0, 1, 0]}, "seeds=[0, 1, 0]: 0 given twice; each value once"),
+    ({"grid": {"extra_embeds": [1, 1]}}, "grid['extra_embeds']=[1, 1]: 1 given twice"),
+    ({"grid": {"extra_embedz": [1]}}, "sweep parameter 'extra_embedz' is not a Config field (did you mean 'extra_embeds'?)"),
+    ({"grid": GRID, "seeds": [0.5]}, "seeds=[0.5]: seed 0.5 is not an integer"),
+    ({"grid": {"extra_embeds": [0, "x"]}}, "extra_embeds='x': expected int"),
+    ({"grid": GRID, "base": {"seed": 3}}, "'seed' is set by seeds; drop it from base"),
+    ({"grid": GRID, "nproc_per_node": 0}, "nproc_per_node=0: must be an integer >= 1"),
+    ([1, 2], "sweep YAML [1, 2]: expected a mapping"),
+], ids=str)
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, capsys, spec, message):
+    if isinstance(spec, dict):  # where a bad spec got through, its runs fail at once instead of training
+        spec = {**spec, "sweep_dir": str(tmp_path / "sweep"),
+                "base": {"data_dir": str(tmp_path / "no-data"), **spec.get("base", {})}}
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["sweep", "-y", json.dumps(spec)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_run_names_are_plain_folders():
+    names = [n for n, _ in launch.sweep_runs({"data_dir": ["data/a", "data/b"]}, [0])]
+    assert names == ["data_dirdata_a_s0", "data_dirdata_b_s0"]
+    with pytest.raises(ValueError, match=r"grid\['data_dir'\]=\['a/b', 'a_b'\]: a_b given twice"):
+        launch.sweep_runs({"data_dir": ["a/b", "a_b"]}, [0])
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(resume="yes"), "resume='yes': expected true or false"),
+    (dict(progress=1), "progress=1: expected true or false"),
+    (dict(nnodes="two"), "nnodes='two': expected int"),
+    (dict(run_name="a/../../x"), "run_name='a/../../x': must be one plain folder name"),
+    (dict(run_name=".."), "run_name='..': must be one plain folder name"),
+    (dict(runs_root=""), "runs_root='': needs a folder"),
+    (dict(resum=True), "unknown parameter(s) ['resum'] (did you mean 'resume'?)"),
+])
+def test_launch_settings_are_checked(settings, message):
+    with pytest.raises(ValueError) as err:
+        launch.check_settings({"nproc_per_node": 1, **settings})
+    assert message in str(err.value)
+    assert launch.check_settings({"nproc_per_node": 1, "resume": "true"})["resume"] is True
+
+
+def test_folder_names():
+    for name in ("x01", "20260101-000000_x00-ve2_s0", "a b"):
+        assert check_folder_name("name", name) == name
+    for name in ("", ".", "..", ".x", "a/b", "a\\b", "../x", None, 3):
+        with pytest.raises(ValueError, match="must be one plain folder name"):
+            check_folder_name("name", name)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .runfolder import parse_jsonl
+
 VAL_COLUMNS = ["run", "variant", "step", "train_time_s", "val_loss", "source"]
 LAMBDA_COLUMNS = ["run", "variant", "step", "stream", "layer", "value", "source"]
 
@@ -277,24 +279,9 @@ def _read_json_file(path: Path) -> dict:
 
 
 def _metrics_records(text: str, path: Path) -> list[dict]:
-    lines = [line for line in text.split("\n") if line.strip()]
-    try:  # one C-level parse of the whole file; a bad line sends us to the line-by-line path
-        records = json.loads("[" + ",".join(lines) + "]")
-        if all(isinstance(r, dict) for r in records):
-            return records
-    except ValueError:
-        pass
-    records = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
-            records.append(record)
-        except ValueError as exc:
-            _warn(f"{path}:{lineno}: skipped malformed line ({exc!s:.60}): {line[:80]!r}")
+    records, notes = parse_jsonl(text, path)
+    for note in notes:
+        _warn(note)
     return records
 
 

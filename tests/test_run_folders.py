@@ -106,7 +106,7 @@ def test_resume_after_a_crash_mid_write(fast_args, tmp_path):
     assert sorted(p.name for p in run.glob("*.tmp")) == []
     log = (run / "log.txt").read_text()
     assert f"# {run / 'log.txt'}: ended its torn last line" in log
-    assert f"# {run / 'metrics.jsonl'}:3: dropped an unreadable line" in log
+    assert f"# {run / 'metrics.jsonl'}:3: skipped malformed line" in log
     assert "# removed checkpoint.pt.tmp: a half-written file of the interrupted run" in log
     assert "# removed summary.json.tmp" in log
     assert "step:4/6 train_loss:10.\n" in log  # the torn line kept, ended: nothing glued to it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import itertools
 import json
@@ -179,7 +180,8 @@ def launch(params: dict, echo=print, **settings) -> Path:
         echo(f"{run_dir}: already finished, nothing to train")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    with FolderLock(run_dir, RUN_LOCK, note=echo):  # held until torchrun has ended: one launcher per folder
+    # held until torchrun has ended: one launcher per folder (node 0's: the other nodes share its folder)
+    with FolderLock(run_dir, RUN_LOCK, note=echo) if s["node_rank"] == 0 else contextlib.nullcontext():
         state = run_state(run_dir)
         if state == "finished":
             echo(f"{run_dir}: already finished, nothing to train")
@@ -383,6 +385,7 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
                 aside = run_dir.with_name(f"{name}.failed-{datetime.now():%Y%m%d-%H%M%S}")
                 with FolderLock(run_dir, RUN_LOCK, note=echo):  # not while a launcher outside the sweep trains it
                     run_dir.rename(aside)
+                (aside / RUN_LOCK).unlink(missing_ok=True)
                 echo(f"[{i + 1}/{len(runs)}] {name}: no checkpoint, moved to {aside.name}, starting again")
             echo(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'}")
             out = run_dir / (f"notebook-resumed-{datetime.now():%Y%m%d-%H%M%S}.ipynb" if state == "resumable"

@@ -174,6 +174,20 @@ def test_a_second_sweep_into_a_folder_is_refused(corpus, tmp_path):
     assert sorted(p.name for p in sweep_dir.iterdir()) == [SWEEP_LOCK]  # no run folder, no notebook
 
 
+def test_a_sweep_does_not_move_aside_a_folder_another_process_trains(corpus, tmp_path):
+    run = tmp_path / "sweep" / "extra_embeds0_s0"
+    run.mkdir(parents=True)
+    (run / "log.txt").write_text("step:0/4 val_loss:10.8 train_time:0ms step_avg:0ms\n")  # no checkpoint yet
+    holder = hold_lock(run)
+    try:
+        with pytest.raises(FolderLocked, match=rf"{run} is in use by pid {holder.pid}"):
+            launch.sweep({"extra_embeds": [0]}, [0], fast_params(corpus), tmp_path / "sweep")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [run.name]  # not moved, and no sweep.lock left
+
+
 @pytest.mark.slow
 def test_killing_a_sweep_stops_every_process_under_it(corpus, tmp_path):
     """SIGKILL of the papermill process of a sweep: its kernel, the run's papermill kernel, torchrun and the trainer

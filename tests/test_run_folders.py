@@ -133,7 +133,8 @@ def test_a_full_disk_fails_the_run_cleanly(corpus, tmp_path):
 
 def hold_lock(folder, name=RUN_LOCK):
     proc = subprocess.Popen([PYTHON, "-c", "import sys, time; from embxlib.runfolder import FolderLock; "
-                             "FolderLock(sys.argv[1], sys.argv[2]).acquire(); print('held', flush=True); time.sleep(120)",
+                             "FolderLock(sys.argv[1], sys.argv[2]).acquire(); print('held', flush=True); "
+                             "time.sleep(120)",
                              str(folder), name], env=python_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
     return proc
@@ -196,8 +197,8 @@ def test_killing_a_sweep_stops_every_process_under_it(corpus, tmp_path):
     run = sweep_dir / "extra_embeds1_s0"
     # a wide model validating 64k tokens at step 0: a minute in which the trainer prints nothing, so nothing but the
     # watchdog can stop it (a broken pipe to the dead kernel would only at its next line)
-    base = {**fast_params(corpus), "num_iterations": 100000, "val_tokens": 65536, "val_seq_len": 4096,
-            "model_dim": 512, "num_heads": 4, "head_dim": 128, "mlp_dim": 2048}
+    base = {**fast_params(corpus), "num_iterations": 100000, "repeat_data": True, "val_tokens": 65536,
+            "val_seq_len": 4096, "model_dim": 512, "num_heads": 4, "head_dim": 128, "mlp_dim": 2048}
     spec = json.dumps({"grid": {"extra_embeds": [1]}, "seeds": [0], "base": base, "sweep_dir": str(sweep_dir)})
     papermill = subprocess.Popen([str(Path(PYTHON).parent / "papermill"), str(ROOT / "nbs" / "sweep.ipynb"),
                                   str(tmp_path / "sweep.ipynb"), "-y", spec, "--cwd", str(ROOT)], env=python_env(),
@@ -246,7 +247,7 @@ GRID = {"extra_embeds": [0]}
     ({"grid": GRID, "seed": [1]}, "unknown parameter(s) ['seed'] (did you mean 'seeds'?)"),
     ({"grid": GRID, "seeds": [0, 1, 0]}, "seeds=[0, 1, 0]: 0 given twice; each value once"),
     ({"grid": {"extra_embeds": [1, 1]}}, "grid['extra_embeds']=[1, 1]: 1 given twice"),
-    ({"grid": {"extra_embedz": [1]}}, "sweep parameter 'extra_embedz' is not a Config field (did you mean 'extra_embeds'?)"),
+    ({"grid": {"extra_embedz": [1]}}, "'extra_embedz' is not a Config field (did you mean 'extra_embeds'?)"),
     ({"grid": GRID, "seeds": [0.5]}, "seeds=[0.5]: seed 0.5 is not an integer"),
     ({"grid": {"extra_embeds": [0, "x"]}}, "extra_embeds='x': expected int"),
     ({"grid": GRID, "base": {"seed": 3}}, "'seed' is set by seeds; drop it from base"),

@@ -391,6 +391,8 @@ def coerce(name: str, value):
 def coerce_value(name: str, value, t):
     """value as type t (bool, int, float, str or tuple[int, ...]); a bool is only a bool or 'true'/'false'."""
     try:
+        if value is None:  # None means "the default" only where a caller says so, before calling this
+            raise TypeError
         if t is bool:
             if isinstance(value, str):
                 return {"true": True, "false": False}[value.lower()]

@@ -38,6 +38,7 @@ CONFIG_FIELDS = list(Config.__dataclass_fields__)
 # launch settings of run_variant.ipynb besides the Config fields (defaults; a test keeps the notebook in step)
 LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="", master_port=29500,
                        run_name="", runs_root="runs", resume=False, progress=True, fail_at_step=-1, fail_rank=0)
+NONE_DEFAULT_TYPES = dict(nproc_per_node=int)  # the type of a launch setting whose default is None
 # parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
 SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, sweep_dir="runs/sweep", nproc_per_node=1)
 
@@ -98,8 +99,9 @@ def check_settings(s: dict) -> dict:
         raise ValueError(f"{message}; allowed launch settings: {sorted(LAUNCH_SETTINGS)}")
     s = {**LAUNCH_SETTINGS, **s}
     for k, default in LAUNCH_SETTINGS.items():
-        if s[k] is not None or default is not None:  # None: nproc_per_node's "one per GPU"
-            s[k] = coerce_value(k, s[k], int if default is None else type(default))
+        t = type(default) if default is not None else NONE_DEFAULT_TYPES.get(k)
+        if t is not None and not (default is None and s[k] is None):
+            s[k] = coerce_value(k, s[k], t)
     if s["nproc_per_node"] is None:
         s["nproc_per_node"] = default_nproc()
     for k in ("nproc_per_node", "nnodes"):

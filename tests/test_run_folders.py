@@ -279,6 +279,7 @@ def test_sweep_run_names_are_plain_folders():
     (dict(run_name="a/../../x"), "run_name='a/../../x': must be one plain folder name"),
     (dict(run_name=".."), "run_name='..': must be one plain folder name"),
     (dict(runs_root=""), "runs_root='': needs a folder"),
+    (dict(runs_root=None), "runs_root=None: expected str"),
     (dict(resum=True), "unknown parameter(s) ['resum'] (did you mean 'resume'?)"),
 ])
 def test_launch_settings_are_checked(settings, message):

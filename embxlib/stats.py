@@ -86,9 +86,11 @@ def seeds_needed(effect: float, sd: float, alpha: float = 0.05, power: float = 0
     from statsmodels.stats.power import TTestIndPower
     if effect == 0 or not np.isfinite(effect / sd):
         return float("inf")
-    n = TTestIndPower().solve_power(effect_size=abs(effect) / sd, alpha=alpha, power=power, ratio=1.0,
-                                    alternative="two-sided")
-    return int(np.ceil(n))
+    test, d = TTestIndPower(), abs(effect) / sd
+    n = test.solve_power(effect_size=d, alpha=alpha, power=power, ratio=1.0, alternative="two-sided")
+    if not np.isfinite(n):  # the solver gives up below 2 runs per arm, where a huge effect is already seen
+        return 2 if test.power(effect_size=d, nobs1=2, alpha=alpha, ratio=1.0) >= power else float("inf")
+    return max(2, int(np.ceil(n)))
 
 
 def pooled_sd(*groups) -> float:

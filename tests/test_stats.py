@@ -283,6 +283,7 @@ def test_seeds_needed_against_cohens_table_and_the_issue():
     assert seeds_needed(0.8, 1.0) == 26 and seeds_needed(-0.5, 1.0) == 64
     assert seeds_needed(-0.057, 0.046) == 12
     assert seeds_needed(0.0, 0.05) == float("inf")
+    assert seeds_needed(0.5, 0.05) == 2  # d = 10: two runs each already have 99% power (the solver gives up below 2)
 
 
 def test_welch_confidence_interval_by_hand():

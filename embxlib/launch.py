@@ -26,12 +26,12 @@ from collections import deque
 from datetime import datetime
 from pathlib import Path
 
+from . import ROOT, at_root
 from .config import PRESETS, Config, coerce, coerce_value
 from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, check_folder_name, end_torn_line, read_json,
                         write_atomically, write_text_atomically)
 from .train import is_new_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
 STEP = re.compile(r"step:(\d+)/(\d+)(?: val_loss:([\d.]+|nan))?")
 CONFIG_FIELDS = list(Config.__dataclass_fields__)
@@ -116,13 +116,6 @@ def check_settings(s: dict) -> dict:
     if not s["runs_root"]:
         raise ValueError("runs_root='': needs a folder (e.g. runs)")
     return s
-
-
-def at_root(path) -> Path:
-    """A relative path as the training processes see it: from the repository root (their cwd), also when the
-    caller runs elsewhere (a notebook opened in JupyterLab runs in nbs/)."""
-    path = Path(path)
-    return path if path.is_absolute() else ROOT / path
 
 
 def run_dir_for(cfg: Config, s: dict) -> Path:

@@ -1,0 +1,119 @@
+"""The steps of nbs/analyze_runs.ipynb: read the runs it is given, check that they are there, take the defaults
+from the data, and write figures and tables under one output folder.
+
+Inputs and out_dir are relative to the repository root. Without out_dir everything goes to a new folder
+runs/analysis/<date>-<time>/ (ignored by git): committed folders such as images/ are written only when named.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from . import at_root, plots, runs, stats
+
+ANALYSIS_ROOT = "runs/analysis"
+MEDIUM_TARGET = 2.92  # the medium track's loss target: upstream logs and published results
+
+
+def out_folder(out_dir=None) -> Path:
+    """out_dir (created if needed), or with None a new folder runs/analysis/<date>-<time>[-n]."""
+    if out_dir:
+        out = at_root(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = at_root(ANALYSIS_ROOT) / f"{datetime.now():%Y%m%d-%H%M%S}"
+    out, n = base, 1
+    while True:
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+
+
+def load(inputs, variants=None, **named) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validation points and lambdas of the runs in inputs (paths or globs from the repository root).
+
+    variants: keep these, in this order (a dict also relabels them); None keeps every variant found: a run
+    folder's variant is the `name` in its config.json, an upstream log's its folder, a results.md run's its number
+    without the repeat index. named: parameters that name one (relabelled) variant, e.g. baseline="x00-ve2"; None
+    is allowed. Raises ValueError naming the inputs when they hold no validation point (runs.load_runs), or
+    naming a variant that is not among them."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    paths = [str(at_root(p)) for p in inputs]
+    val = runs.load_runs(paths)  # raises when no input gives a validation point
+    if variants is not None:
+        found = list(pd.unique(val["variant"]))
+        missing = [v for v in variants if v not in found]
+        if missing:
+            raise ValueError(f"variants {missing} are not in the inputs; they hold {found}")
+    val = runs.select(val, variants)
+    shown = list(pd.unique(val["variant"]))
+    for key, value in named.items():
+        if value is not None and value not in shown:
+            raise ValueError(f"{key}={value!r} is not one of the variants shown: {shown}")
+    return val, runs.select(runs.load_lambdas(paths), variants)
+
+
+def run_target(val: pd.DataFrame) -> float:
+    """The target_val_loss the runs were trained with (their config.json) when they all agree, else 2.92."""
+    targets = set()
+    for source in pd.unique(val["source"]):
+        config = Path(source) / "config.json"
+        if not config.is_file():
+            return MEDIUM_TARGET
+        targets.add(json.loads(config.read_text()).get("target_val_loss"))
+    return targets.pop() if len(targets) == 1 and None not in targets else MEDIUM_TARGET
+
+
+def last_quarter(val: pd.DataFrame, x: str) -> list:
+    """[start, end] of the last quarter of the shortest run in x ("step" or "train_time_s"): inside every run."""
+    end = float(val.groupby("run")[x].max().min())
+    return [math.floor(0.75 * end), math.ceil(end)]
+
+
+def loss_figures(val: pd.DataFrame, out: Path, step_zooms, time_zooms, band: str, target: float) -> list[Path]:
+    """Each variant's mean curve with its band per step and per training time, the whole run and each zoom, saved
+    as val_loss-{step,time}[-from-to].png, each with a -runs twin drawing every run. Returns the means' paths."""
+    saved = []
+    for x, zooms in (("step", step_zooms), ("train_time_s", time_zooms)):
+        axis = "step" if x == "step" else "time"
+        for xlim in [None, *zooms]:
+            name = f"val_loss-{axis}" + (f"-{xlim[0]}-{xlim[1]}" if xlim else "")
+            span = f", {axis} {xlim[0]}-{xlim[1]}" if xlim else ""
+            fig = plots.plot_val_loss(val, x=x, xlim=xlim, average=True, band=band, target=target,
+                                      title=f"validation loss per {axis}: mean of each variant's runs ({band}){span}")
+            saved.append(plots.save(fig, out / name))
+            plots.save(plots.plot_val_loss(val, x=x, xlim=xlim, target=target,
+                                           title=f"validation loss per {axis}: every run{span}"), out / f"{name}-runs")
+    return saved
+
+
+def slug(text) -> str:
+    return re.sub(r"[^\w.-]+", "_", str(text)).strip("_")
+
+
+def lambda_figures(lam: pd.DataFrame, variant, out: Path, norms=None) -> list[Path]:
+    """The variant's per-layer lambdas at the end of training (mean ± std over its runs), their shares (x scaled
+    by the residual norm when norms is given, see stats.mixing_shares) and each stream's trajectory."""
+    mine = lam[lam["variant"] == variant]
+    if mine.empty:
+        return []
+    last = stats.final_lambdas(mine)
+    stem = f"lambdas-layer-{slug(variant)}-mean{last['run'].nunique()}"
+    saved = [plots.save(plots.plot_layer_lambdas(last, title=f"{variant}: lambdas at the end of training"),
+                        out / stem)]
+    shares = stats.mixing_shares(last, norms=norms)
+    title = f"{variant}: share of each input" + (" (x scaled by its norm)" if norms is not None else "")
+    saved.append(plots.save(plots.plot_layer_lambdas(shares, ylabel="share", title=title),
+                            out / (stem + ("-normalized-and-xnorm" if norms is not None else "-normalized"))))
+    for stream in shares["stream"].unique():
+        saved.append(plots.save(plots.plot_lambda_trajectories(mine, stream),
+                                out / f"lambdas-trajectory-{slug(variant)}-{stream}"))
+    return saved

@@ -14,8 +14,13 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from .runfolder import check_folder_name
+
+# fields that take one of a few values: the CLI offers them as choices, validate() enforces them
+CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "precision": ("bf16", "fp32"),
+           "device": ("auto", "cpu", "cuda"), "attention": ("auto", "flex", "sdpa")}
 
 VOCAB_SIZE = 50257  # GPT-2; embedding tables keep this many rows, the LM head is padded
 EOT_TOKEN = 50256  # <|endoftext|>, also the document separator of the data shards
@@ -204,8 +209,9 @@ class Config:
                 bad("skip_map", f"pair {d},{s} needs 0 <= src < dest < num_layers={L}")
         if len(self.window_pattern) != L or set(self.window_pattern) - set("LS"):
             bad("window_pattern", f"needs one of L/S per layer ({L} characters)")
-        if self.ve_layout not in ("upstream", "mirrored", "adjacent"):
-            bad("ve_layout", "allowed: upstream, mirrored, adjacent")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                bad(name, f"allowed: {', '.join(allowed)}")
         if self.ve_layers:
             if len(self.ve_layers) != L:
                 bad("ve_layers", f"needs one entry per layer ({L}), -1 for none")
@@ -230,12 +236,6 @@ class Config:
             bad("train_seq_len", f"train_seq_len and val_seq_len must be multiples of attn_block_size={self.attn_block_size}")
         if not 0 <= self.cooldown_frac <= 1:
             bad("cooldown_frac", "must be in [0, 1]")
-        if self.device not in ("auto", "cpu", "cuda"):
-            bad("device", "allowed: auto, cpu, cuda")
-        if self.attention not in ("auto", "flex", "sdpa"):
-            bad("attention", "allowed: auto, flex, sdpa")
-        if self.precision not in ("bf16", "fp32"):
-            bad("precision", "allowed: bf16 (upstream), fp32")
         if world_size is not None:
             self.grad_accum_steps(world_size)
             self.val_steps(world_size)
@@ -356,28 +356,90 @@ def _parse_tuple(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.split(r"[,\s]+", s) if x)
 
 
+def _default_text(name: str) -> str:
+    """The tiny preset's value, and the other presets' where they differ: what a flag left out means."""
+    def show(v):
+        if isinstance(v, tuple):
+            return ",".join(map(str, v)) or "none"
+        return repr(v) if v == "" else str(v)
+    shown = {p: show(getattr(make(), name)) for p, make in PRESETS.items()}
+    others: dict[str, list[str]] = {}
+    for p, v in shown.items():
+        if v != shown["tiny"]:
+            others.setdefault(v, []).append(p)
+    return "; ".join([f"default: {shown['tiny']}"] + [f"{', '.join(ps)}: {v}" for v, ps in others.items()])
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per field: --extra-embeds 3 for extra_embeds; booleans get --flag/--no-flag."""
+    """One flag per field: --extra-embeds 3 for extra_embeds; booleans get --flag/--no-flag; --config FILE.
+    Help shows each field's comment and default (the tiny preset's, and the other presets' where they differ)."""
     helps = field_help()
-    group = parser.add_argument_group("config fields (override the preset)")
+    group = parser.add_argument_group(
+        "config fields", "Start from --preset (and --config FILE), then each flag given overrides one field. The "
+        "defaults shown are the tiny preset's, followed by medium's and medium_x01's where they differ.")
+    group.add_argument("--config", metavar="FILE", default=None, help="start from this config file (JSON or YAML, "
+                       "e.g. a run's config.json, which re-runs it); flags given override its values")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         t = _field_type(f)
-        h = helps.get(f.name, "")
+        h = f"{helps.get(f.name, '')} ({_default_text(f.name)})".replace("%", "%%")  # argparse formats help with %
+        choices = tuple(PRESETS) if f.name == "preset" else CHOICES.get(f.name)
+        # choices shown, checked by validate(): its one-line message names the field and what is allowed
+        metavar = "{" + ",".join(choices) + "}" if choices else None
         if t is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif typing.get_origin(t) is tuple:
             group.add_argument(flag, dest=f.name, type=_parse_tuple, default=None, metavar="I,J,...", help=h)
         else:
-            group.add_argument(flag, dest=f.name, type=t, default=None, help=h)
+            group.add_argument(flag, dest=f.name, type=t, default=None, metavar=metavar, help=h)
+    # `--ve-layers -1,0,1,...`: a word that starts like a negative number is a value, not an option (Python 3.13's rule)
+    parser._negative_number_matcher = re.compile(r"^-\.?\d")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
-    preset = overrides.pop("preset", "tiny")  # an explicit --preset '' is an error, not the default
+    return build_config(overrides, getattr(args, "config", None))
+
+
+def load_config_file(path) -> dict:
+    """The fields of a config file (JSON, or YAML by its .yaml/.yml suffix), each converted to the field's type.
+    Raises ValueError naming the file and any key that is not a Config field."""
+    import yaml
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of Config fields, got {type(data).__name__}")
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown field(s) {unknown}; allowed: the Config fields "
+                         f"(python -m embxlib.train --help)")
+    try:
+        values = {k: coerce(k, v) for k, v in data.items()}
+    except ValueError as e:
+        raise ValueError(f"config file {path}: {e}") from None
+    make = PRESETS.get(values.get("preset"), tiny)
+    if values.get("name") and values["name"] == variant_name(make(**{**values, "preset": make().preset, "name": "_"})):
+        del values["name"]  # a derived name (a run's config.json) follows the fields, also when flags change them
+    return values
+
+
+def build_config(overrides: dict | None = None, config_file=None) -> Config:
+    """The preset, then the config file's fields, then overrides (None values are ignored)."""
+    values = load_config_file(config_file) if config_file else {}
+    values.update({k: coerce(k, v) for k, v in (overrides or {}).items() if v is not None})
+    preset = values.pop("preset", "tiny")
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: allowed: {sorted(PRESETS)}")
-    return PRESETS[preset](**overrides)
+    return PRESETS[preset](**values)
 
 
 def coerce(name: str, value):

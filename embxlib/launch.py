@@ -2,6 +2,7 @@
 
     papermill nbs/run_variant.ipynb out.ipynb -p extra_embeds 3        # one run (the notebook calls launch())
     python -m embxlib.launch demo                                      # the README's main job
+    python -m embxlib.launch run --config runs/<run>/config.json --seed 1   # any run, flags as embxlib.train
     python -m embxlib.launch sweep -y '{grid: {extra_embeds: [0, 1]}, seeds: [0, 1]}'
 
 The bar lives here, in the parent; the ranks print plain `step:` lines (papermill's IOPub limits: only validation
@@ -27,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import ROOT, at_root
-from .config import PRESETS, Config, coerce, coerce_value
+from .config import Config, add_config_args, build_config, coerce_value
 from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, check_folder_name, end_torn_line, read_json,
                         write_atomically, write_text_atomically)
 from .train import is_new_run_dir
@@ -40,7 +41,7 @@ LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="
                        run_name="", runs_root="runs", resume=False, progress=True, fail_at_step=-1, fail_rank=0)
 NONE_DEFAULT_TYPES = dict(nproc_per_node=int)  # the type of a launch setting whose default is None
 # parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
-SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, sweep_dir="runs/sweep", nproc_per_node=1)
+SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="runs/sweep", nproc_per_node=1)
 
 
 class LaunchError(RuntimeError):
@@ -49,14 +50,10 @@ class LaunchError(RuntimeError):
 
 # --- checking parameters before anything starts ------------------------------------------------------
 
-def resolve(params: dict, world_size: int = 1) -> Config:
-    """Config from notebook parameters (None means: the preset's value). Raises ValueError naming the parameter."""
-    given = {k: v for k, v in params.items() if v is not None}
-    preset = given.pop("preset", "tiny")
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: allowed: {sorted(PRESETS)}")
-    cfg = PRESETS[preset](**{k: coerce(k, v) for k, v in given.items()})
-    return cfg.validate(world_size)
+def resolve(params: dict, world_size: int = 1, config=None) -> Config:
+    """Config from notebook parameters on top of the config file, if one is given (None means: the file's value,
+    else the preset's). Raises ValueError naming the parameter."""
+    return build_config(params, at_root(config) if config else None).validate(world_size)
 
 
 def default_nproc() -> int:
@@ -134,7 +131,7 @@ def run_state(run_dir: Path) -> str:
 
 # --- the subprocess --------------------------------------------------------------------------------
 
-def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool) -> list[str]:
+def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool, config=None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s['nproc_per_node']}"]  # = torchrun
     if s["nnodes"] == 1:
         cmd.append("--standalone")
@@ -145,7 +142,8 @@ def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool) -> 
     if resume:
         cmd += ["--resume", str(run_dir)]
     else:
-        cmd += ["--run-dir", str(run_dir), *config_flags(cfg, params)]
+        cmd += ["--run-dir", str(run_dir), *(["--config", str(at_root(config))] if config else []),
+                *config_flags(cfg, params)]
     if s["fail_at_step"] >= 0:
         cmd += ["--fail-at-step", str(s["fail_at_step"]), "--fail-rank", str(s["fail_rank"])]
     return cmd
@@ -168,15 +166,16 @@ def config_flags(cfg: Config, params: dict) -> list[str]:
     return out
 
 
-def launch(params: dict, echo=print, **settings) -> Path:
-    """Validate, start torchrun, stream its output to <run>/console.log and a tqdm bar, return the run folder.
+def launch(params: dict, echo=print, config=None, **settings) -> Path:
+    """Validate, start torchrun, stream its output to <run>/console.log and a tqdm bar (or, with progress=False,
+    plain lines through echo), return the run folder. config: a config file the parameters override.
     Raises LaunchError with the failing rank's last lines if the run fails; no child process is left behind."""
     s = check_settings(settings)
     message = unknown_names(params, CONFIG_FIELDS)
     if message:
         raise ValueError(f"{message}; allowed: Config fields and the launch settings {sorted(LAUNCH_SETTINGS)}")
     world = s["nproc_per_node"] * s["nnodes"]
-    cfg = resolve(params, world)
+    cfg = resolve(params, world, config)
     run_dir = run_dir_for(cfg, s)
     if run_state(run_dir) == "finished":
         echo(f"{run_dir}: already finished, nothing to train")
@@ -193,7 +192,7 @@ def launch(params: dict, echo=print, **settings) -> Path:
                              f"(pick another run_name, or resume=True to continue it)")
         if state == "broken":
             raise ValueError(f"{run_dir} has no checkpoint to resume from; move it away or pick another run_name")
-        cmd = command(cfg, params, s, run_dir, resume=state == "resumable")
+        cmd = command(cfg, params, s, run_dir, resume=state == "resumable", config=config)
         threads = max(1, (os.cpu_count() or 1) // s["nproc_per_node"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
@@ -203,9 +202,26 @@ def launch(params: dict, echo=print, **settings) -> Path:
     return run_dir
 
 
+PLAIN_EVERY_S = 30  # with progress=False: a step line at least this often besides the validation lines
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _plain(step: int, total: int, elapsed: float, val_loss: str | None = None, left: float | None = None) -> str:
+    """A progress line for a terminal or a notebook without widgets: step, val_loss, elapsed and remaining time."""
+    left = f", about {_clock(left)} left" if left is not None and step < total else ""
+    loss = f"  val_loss {float(val_loss):.4f}" if val_loss else ""
+    return f"step {step}/{total}{loss}  elapsed {_clock(elapsed)}{left}"
+
+
 def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
     from tqdm.auto import tqdm
     tail: deque[str] = deque(maxlen=40)
+    start = last = time.time()
+    first = None  # (time, step) of the first step line: the rate excludes start-up
     causes: list[str] = []  # error lines from anywhere in the output: torchrun's report can push them out of the tail
     if end_torn_line(run_dir / "console.log"):
         echo(f"{run_dir / 'console.log'}: ended its torn last line (the previous launcher was stopped mid-write)")
@@ -227,8 +243,14 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
                 bar.n = int(m[1])
                 if m[3]:
                     bar.set_postfix(val_loss=float(m[3]), refresh=False)
-                    msg = line.strip()
-                    bar.write(msg) if progress else echo(msg)
+                if progress and m[3]:
+                    bar.write(line.strip())
+                step, total, now = int(m[1]), int(m[2]), time.time()
+                first = first or (now, step)
+                if not progress and (m[3] or now - last >= PLAIN_EVERY_S):
+                    last = now
+                    left = (now - first[0]) / (step - first[1]) * (total - step) if step > first[1] else None
+                    echo(_plain(step, total, now - start, m[3], left))
                 bar.refresh()
         rc = proc.wait()
     except BaseException:
@@ -287,11 +309,13 @@ def show_run(run_dir: Path, save: bool = True):
 
 # --- notebooks and sweeps -----------------------------------------------------------------------------
 
-def run_notebook(parameters: dict, output: Path, notebook: Path = NOTEBOOK, log_output: bool = False):
+def run_notebook(parameters: dict, output: Path, notebook: Path = NOTEBOOK, stdout=None):
+    """Execute notebook with papermill (cwd the repository root) into output; stdout: a file that gets the
+    notebook's printed lines as they come (e.g. sys.stdout for a terminal)."""
     import papermill as pm
     output.parent.mkdir(parents=True, exist_ok=True)
     return pm.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(ROOT), progress_bar=False,
-                               log_output=log_output, kernel_name="python3")
+                               stdout_file=stdout, kernel_name="python3")
 
 
 def sweep_runs(grid: dict, seeds, base: dict | None = None) -> list[tuple[str, dict]]:
@@ -356,7 +380,7 @@ def sweep_spec(spec) -> dict:
 
 
 def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep",
-                nproc_per_node: int = 1) -> list[tuple[str, dict]]:
+                nproc_per_node: int = 1, config=None) -> list[tuple[str, dict]]:
     """Everything a sweep checks before its first run starts; its runs as sweep_runs gives them."""
     if not isinstance(sweep_dir, (str, os.PathLike)) or not str(sweep_dir):
         raise ValueError(f"sweep_dir={sweep_dir!r}: expected a folder, e.g. runs/sweep")
@@ -364,16 +388,17 @@ def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="run
         raise ValueError(f"nproc_per_node={nproc_per_node!r}: must be an integer >= 1")
     runs = sweep_runs(grid, seeds, base)
     for name, p in runs:
-        resolve(p, nproc_per_node)
+        resolve(p, nproc_per_node, config)
     return runs
 
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
-          echo=print) -> "pd.DataFrame":
+          echo=print, config=None) -> "pd.DataFrame":
     """Run every (variant, seed) through nbs/run_variant.ipynb with papermill, one after another, each into
-    <sweep_dir>/<name>/. Finished runs are skipped, interrupted ones resumed from their checkpoints.
-    Writes and returns the summary table <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir."""
-    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node)
+    <sweep_dir>/<name>/, starting from the config file `config` if given. Finished runs are skipped, interrupted
+    ones resumed from their checkpoints. Writes and returns the summary table <sweep_dir>/summary.csv. One sweep at
+    a time holds sweep_dir."""
+    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config)
     sweep_dir = at_root(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
@@ -392,8 +417,9 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
             echo(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'}")
             out = run_dir / (f"notebook-resumed-{datetime.now():%Y%m%d-%H%M%S}.ipynb" if state == "resumable"
                              else "notebook.ipynb")
-            run_notebook({**p, "run_name": name, "runs_root": str(sweep_dir), "resume": True,
-                          "nproc_per_node": nproc_per_node, "progress": False}, out)
+            run_notebook({**p, "config": config and str(at_root(config)), "run_name": name,
+                          "runs_root": str(sweep_dir), "resume": True, "nproc_per_node": nproc_per_node,
+                          "progress": False}, out)
         table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"])
         write_text_atomically(sweep_dir / "summary.csv", table.to_csv(index=False))
     return table
@@ -418,18 +444,29 @@ def sweep_table(sweep_dir: Path, names: list[str], keys: list[str]):
 
 # --- command line ------------------------------------------------------------------------------------
 
+def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", nproc_per_node=None) -> Path:
+    """One run through nbs/run_variant.ipynb with papermill, its printed lines (a plain progress line at every
+    validation and at least every 30 s) shown here as they come; the executed notebook stays in the run folder."""
+    cfg = resolve(params, 1 if nproc_per_node is None else nproc_per_node, config)  # checked before anything starts
+    run_name = run_name or f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.name}_s{cfg.seed}"
+    check_folder_name("run_name", run_name)
+    run_dir = at_root(runs_root) / run_name
+    shown = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
+    print(f"running nbs/run_variant.ipynb with papermill into {shown} ({cfg.preset} preset, variant {cfg.name}, "
+          f"{cfg.num_iterations} steps)", flush=True)
+    t = time.time()
+    run_notebook({**params, "config": config and str(at_root(config)), "run_name": run_name, "runs_root": runs_root,
+                  "nproc_per_node": nproc_per_node, "progress": False}, run_dir / "notebook.ipynb", stdout=sys.stdout)
+    s = json.loads((run_dir / "summary.json").read_text())
+    print(f"done in {_clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
+          f"config.json, log.txt, metrics.jsonl, summary.json, checkpoint.pt, console.log, loss.png, notebook.ipynb")
+    return run_dir
+
+
 def demo(runs_root: str = "runs/demo") -> Path:
     """The README's main job: a tiny run on the bundled corpus through the papermill notebook, on CPU."""
-    name = f"{datetime.now():%Y%m%d-%H%M%S}_tiny_x01"
-    run_dir = Path(runs_root) / name
-    print(f"running nbs/run_variant.ipynb with papermill into {run_dir} (tiny preset, extra_embeds=1, 200 steps)")
-    t = time.time()
-    run_notebook(dict(preset="tiny", extra_embeds=1, run_name=name, runs_root=runs_root, progress=False),
-                 run_dir / "notebook.ipynb", log_output=True)
-    s = json.loads((run_dir / "summary.json").read_text())
-    print(f"done in {time.time() - t:.0f} s: final val_loss {s['final_val_loss']:.4f}; run folder {run_dir}; "
-          f"figure {run_dir / 'loss.png'}; executed notebook {run_dir / 'notebook.ipynb'}")
-    return run_dir
+    return run(dict(preset="tiny", extra_embeds=1), run_name=f"{datetime.now():%Y%m%d-%H%M%S}_tiny_x01",
+               runs_root=runs_root)
 
 
 def main(argv=None):
@@ -437,13 +474,26 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m embxlib.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the README's main job")
+    d = sub.add_parser("demo", help="the README's main job: tiny preset, one extra embedding, 200 steps")
     d.add_argument("--runs-root", default="runs/demo")
+    r = sub.add_parser("run", help="one run through the notebook, configured like python -m embxlib.train")
+    r.add_argument("--run-name", default="", help="folder name under --runs-root (default <date>_<variant>_s<seed>)")
+    r.add_argument("--runs-root", default="runs", help="parent folder of the run (default: runs)")
+    r.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: the GPUs, or 1 on CPU)")
+    add_config_args(r)
     sw = sub.add_parser("sweep", help="run a grid of variants x seeds through the notebook")
-    sw.add_argument("-y", "--yaml", required=True, help="YAML with grid, seeds, base, sweep_dir")
+    sw.add_argument("-y", "--yaml", required=True, help="YAML with grid, seeds, base, config (a config file every "
+                    "run starts from), sweep_dir")
     args = ap.parse_args(argv)
     if args.cmd == "demo":
         demo(args.runs_root)
+    elif args.cmd == "run":
+        fields = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS and v is not None}
+        try:
+            resolve(fields, 1 if args.nproc_per_node is None else args.nproc_per_node, args.config)
+        except ValueError as e:  # the error before anything starts, not a traceback
+            ap.exit(2, f"{ap.prog} run: error: {e}\n")
+        run(fields, args.config, args.run_name, args.runs_root, args.nproc_per_node)
     else:
         try:
             spec = sweep_spec(yaml.safe_load(args.yaml))

@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=8 -m embxlib.train --preset medium_x01   # 8 GPUs, NCCL
     python -m embxlib.train --preset medium_x01 --dry-run                   # resolved config, no training
     python -m embxlib.train --resume runs/<run>                             # continue from its checkpoint
+    python -m embxlib.train --config runs/<run>/config.json --seed 1        # a config file, flags override it
 
 The global batch (train_batch_tokens) is the same for any world size: gradient accumulation makes up the rest.
 Each run writes a new folder under runs/: config.json, log.txt (upstream format), metrics.jsonl, summary.json,
@@ -80,7 +81,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if args.resume:
-            given = [f for f, v in vars(args).items() if v is not None and f in Config.__dataclass_fields__]
+            given = [f for f, v in vars(args).items() if v is not None and (f in Config.__dataclass_fields__
+                                                                             or f == "config")]
             if given:
                 raise ValueError(f"--resume uses the run's own config.json; drop {['--' + g.replace('_', '-') for g in given]}")
             cfg_path = Path(args.resume) / "config.json"

@@ -1,4 +1,6 @@
 """Config: presets hold the upstream numbers, every field has a CLI flag, bad values fail fast and say which field."""
+import json
+import re
 import subprocess
 from dataclasses import fields
 
@@ -7,7 +9,7 @@ import pytest
 from embxlib.config import Config, coerce, field_help, medium, medium_x01, tiny
 from embxlib.model import count_params
 from embxlib.train import build_parser, parse
-from conftest import PYTHON, python_env
+from conftest import PYTHON, ROOT, python_env
 
 V, D, HEAD = 50257, 1024, 50304
 
@@ -75,7 +77,7 @@ def test_value_embedding_variants(variant, expected):
     (["--value-embeds", "4"], "value_embeds"),  # tiny has 6 layers: at most 3 tables on two layers each
     (["--ve-remove", "6"], "ve_remove"),
     (["--token-lambdas", "x03"], "token_lambdas"),
-    (["--ve-layout", "diagonal"], "ve_layout"),
+    (["--ve-layout", "diagonal"], "ve_layout='diagonal': allowed: upstream, mirrored, adjacent"),
     (["--preset", "huge"], "preset"),
 ])
 def test_invalid_settings_exit_before_training(flags, field, tmp_path):
@@ -183,3 +185,60 @@ def test_coerce_accepts_only_real_booleans():
             coerce("compile", value)
     with pytest.raises(ValueError, match="extra_embeds=True: expected int"):
         coerce("extra_embeds", True)
+
+
+def test_help_shows_defaults_and_choices():
+    r = subprocess.run([PYTHON, "-m", "embxlib.train", "--help"], capture_output=True, text=True, env=python_env(),
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    for choice in ("--preset {tiny,medium,medium_x01}", "--ve-layout {upstream,mirrored,adjacent}",
+                   "--precision {bf16,fp32}", "--device {auto,cpu,cuda}", "--attention {auto,flex,sdpa}"):
+        assert choice in text, choice
+    assert "training steps (default: 200; medium: 5960; medium_x01: 5690)" in text
+    assert "(default: 0; medium_x01: 1)" in text and "(default: upstream)" in text  # extra_embeds, ve_layout
+    assert "default: None" not in text and "--config FILE" in text
+
+
+def test_tuple_flags_take_negative_values_without_equals():
+    _, cfg = parse(["--ve-layers", "-1,0,1,-1,0,1", "--extra-embeds", "1"])
+    assert cfg.ve_layers == (-1, 0, 1, -1, 0, 1) and cfg.ve_map() == [None, 0, None, None, 0, 1]
+
+
+def test_a_runs_config_json_reruns_it_and_flags_override_it():
+    run = ROOT / "runs" / "cpu-x0" / "extra_embeds1_s0" / "config.json"
+    saved = json.loads(run.read_text())
+    _, cfg = parse(["--config", str(run)])
+    got = cfg.to_dict()  # (fields added since the run was made take their defaults)
+    assert {k: got[k] for k in saved} == {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    _, cfg = parse(["--config", str(run), "--seed", "5", "--extra-embeds", "2"])
+    assert (cfg.seed, cfg.extra_embeds, cfg.name) == (5, 2, "x02-ve2")  # the derived name follows the fields
+    assert cfg.num_iterations == saved["num_iterations"] and cfg.data_dir == saved["data_dir"]
+
+
+def test_a_yaml_config_file_starts_from_its_preset(tmp_path):
+    path = tmp_path / "x02.yaml"
+    path.write_text("preset: medium\nextra_embeds: 2\nve_remove: [0, 13]\nadam_eps: 1e-10\nname: mine\n")
+    _, cfg = parse(["--config", str(path), "--dry-run"])
+    assert cfg == medium(extra_embeds=2, ve_remove=(0, 13), name="mine")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"extra_embedz": 1, "seed": 2, "colour": "red"}', r"unknown field\(s\) \['colour', 'extra_embedz'\]"),
+    ('{"extra_embeds": "two"}', "extra_embeds='two': expected int"),
+    ("[1, 2]", "expected a mapping of Config fields, got list"),
+    ('{"seed": ', "not valid JSON")])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(f"config file {re.escape(str(path))}: .*{message}", err), err
+
+
+def test_resume_takes_no_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--resume", str(tmp_path), "--config", str(tmp_path / "c.json")])
+    assert "drop ['--config']" in capsys.readouterr().err

@@ -5,16 +5,18 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import nbformat
 import papermill as pm
 import pytest
+import yaml
 
 from embxlib import launch
 from embxlib.config import field_help
-from conftest import FAST, ROOT
+from conftest import FAST, PYTHON, ROOT, python_env
 
 NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
 
@@ -45,15 +47,15 @@ def test_notebooks_are_stored_without_outputs(path):
 def test_run_variant_parameters_match_config():
     cell = parameters_cell(ROOT / "nbs" / "run_variant.ipynb")
     names = [t.id for node in ast.parse(cell.source).body for t in node.targets]
-    assert names == launch.CONFIG_FIELDS + list(launch.LAUNCH_SETTINGS), \
-        "nbs/run_variant.ipynb's parameters cell must list every Config field, then the launch settings, in order"
+    assert names == ["config"] + launch.CONFIG_FIELDS + list(launch.LAUNCH_SETTINGS), \
+        "nbs/run_variant.ipynb's parameters cell must list config, every Config field, then the launch settings"
     helps = field_help()
     for line in cell.source.splitlines():
         name = line.split(" = ")[0]
         if name in helps:
             assert line.endswith("# " + helps[name]), f"comment of {name} differs from its Config comment"
     values = {t.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body for t in node.targets}
-    assert {k: values[k] for k in launch.LAUNCH_SETTINGS} == launch.LAUNCH_SETTINGS
+    assert {k: values[k] for k in launch.LAUNCH_SETTINGS} == launch.LAUNCH_SETTINGS and values["config"] is None
 
 
 def no_process_mentions(text: str) -> bool:
@@ -173,3 +175,35 @@ def test_relative_run_folders_are_under_the_repository_root_from_any_cwd(monkeyp
         assert (ROOT / sweep_dir / "summary.csv").is_file() and not (ROOT / "nbs" / "runs").exists()
     finally:
         shutil.rmtree(ROOT / sweep_dir)
+
+
+@pytest.mark.slow
+def test_launch_run_starts_from_a_config_file_and_prints_progress_lines(corpus, tmp_path):
+    """`python -m embxlib.launch run` (what make run's demo does): the notebook with a config file that flags
+    override, plain progress lines in the terminal while it trains."""
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump({**fast_params(corpus), "extra_embeds": 3}))
+    r = subprocess.run([PYTHON, "-m", "embxlib.launch", "run", "--config", str(config), "--extra-embeds", "1",
+                        "--runs-root", str(tmp_path / "runs"), "--run-name", "r"], capture_output=True, text=True,
+                       env=python_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    saved = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
+    assert saved["extra_embeds"] == 1 and saved["train_seq_len"] == 128  # the flag over the file over the preset
+    lines = r.stdout.splitlines()
+    assert any(re.fullmatch(r"step 2/4  val_loss \d+\.\d{4}  elapsed \d+:\d\d, about \d+:\d\d left", s) for s in lines)
+    assert any(re.fullmatch(r"step 4/4  val_loss \d+\.\d{4}  elapsed \d+:\d\d", s) for s in lines), r.stdout
+    assert lines[-1].startswith("done in ") and f"run folder {tmp_path / 'runs' / 'r'}/" in lines[-1]
+    assert (tmp_path / "runs" / "r" / "notebook.ipynb").is_file()
+
+
+def test_plain_progress_line():
+    assert launch._plain(40, 200, 62.0) == "step 40/200  elapsed 1:02, about 4:08 left"
+    assert launch._plain(200, 200, 3725.0, "5.55733") == "step 200/200  val_loss 5.5573  elapsed 1:02:05"
+
+
+def test_launch_run_with_a_missing_config_file_starts_nothing(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "embxlib.launch", "run", "--config", str(tmp_path / "nope.json"),
+                        "--runs-root", str(tmp_path / "runs")], capture_output=True, text=True, env=python_env(),
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and f"config file {tmp_path / 'nope.json'}: No such file or directory" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -47,6 +47,43 @@ def figure(fig, slug: str, name: str, alt: str = "", root=None):
     return Markdown(f"![{alt or name[:-4]}](../../images/{slug}/{name})")
 
 
+def span(numbers) -> str:
+    """Integers as ranges for a sentence: [2, 3, 4, 5, 8, 14, 15] -> '2-5, 8 and 14-15'."""
+    groups: list[list[int]] = []
+    for n in sorted(set(int(v) for v in numbers)):
+        if groups and n == groups[-1][-1] + 1:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    parts = [f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups]
+    return " and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else "".join(parts)
+
+
+def runs_per_variant(val) -> str:
+    """'x00: 2 runs, x01: 5 runs, x03: 1 run': how many runs each variant of a validation table averages."""
+    counts = val.groupby("variant", sort=False)["run"].nunique()
+    return ", ".join(f"{v}: {n} run{'s' if n != 1 else ''}" for v, n in counts.items())
+
+
+def data_end(val, x: str = "train_time_s", step: int = 10) -> int:
+    """The end of the data in x, rounded up to a multiple of step: the right edge of a zoom that shows it all."""
+    import math
+    return int(math.ceil(float(val[x].max()) / step) * step)
+
+
+def final_table(final) -> str:
+    """stats.final_stats as a markdown table for a post: runs, mean and std (ddof=0) of the final loss, mean time,
+    the record t-test's p and Welch's p against the baseline ('-' where there is none)."""
+    def p(v):
+        return "-" if v != v else f"{v:.1e}" if v < 0.01 else f"{v:.3f}"
+    head = "| variant | runs | final loss, mean | std | time (s), mean | p (mean < target) | p (Welch vs baseline) |"
+    lines = [head, "|:--|--:|--:|--:|--:|--:|--:|"]
+    for r in final.itertuples():
+        lines.append(f"| {r.variant} | {r.n} | {r.loss_mean:.4f} | {r.loss_std:.4f} | {r.time_s_mean:.1f} | "
+                     f"{p(r.p_value)} | {p(getattr(r, 'welch_p_vs_baseline', float('nan')))} |")
+    return "\n".join(lines)
+
+
 def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str = "std", zoom_from=None,
                alpha: float = 0.05, root=None):
     """A post section comparing variants with a baseline, computed from the validation table `val`: mean curves

@@ -48,7 +48,7 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
     """Validation loss against "step" or "train_time_s", one colour per variant, in the table's order.
 
     average=False draws every run; average=True draws each variant's mean over its runs on a common grid with a
-    band ("std" or "ci95", see stats.average_runs). xlim zooms in (the y range follows the zoom); target draws
+    band ("std" or "ci95", see stats.average_runs), labelled "<variant>, mean of <n> runs" (or ", 1 run"). xlim zooms in (the y range follows the zoom); target draws
     a horizontal line at that loss.
     """
     fig, ax = _figure(ax)
@@ -62,8 +62,8 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
         runs_per_variant = df.groupby("variant", sort=False)["run"].nunique()
         for variant, curve in curves.groupby("variant", sort=False):
             n = runs_per_variant[variant]
-            ax.plot(curve[x], curve["mean"], color=colors[variant], label=f"{variant} (mean of {n})" if n > 1
-                    else str(variant))
+            ax.plot(curve[x], curve["mean"], color=colors[variant], label=f"{variant}, " + (f"mean of {n} runs" if n > 1
+                    else "1 run"))
             if n > 1:
                 ax.fill_between(curve[x], curve["lo"], curve["hi"], color=colors[variant], alpha=0.2, linewidth=0)
             inside = curve[(curve[x] >= lo_x) & (curve[x] <= hi_x)]

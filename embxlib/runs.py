@@ -504,6 +504,12 @@ def logit_lens_table(preds: dict, components=None, n_positions: int = 32) -> pd.
     return pd.DataFrame(columns, index=pd.Index(positions, name="position"))
 
 
+def top_predictions(preds: dict, component: str, position: int) -> list[str]:
+    """A component's predicted next tokens at one position, most likely first (as many as the file keeps)."""
+    at = preds["predictions"][component][position]
+    return [at[prob] for prob in sorted(at, reverse=True)]
+
+
 def logit_lens_markdown(table: pd.DataFrame) -> str:
     """The table as GitHub markdown, tokens shown as Python literals so that newlines and spaces stay visible."""
     shown = table.map(lambda t: repr(t).replace("|", "\\|"))

@@ -283,6 +283,12 @@ def final_lambdas(lam: pd.DataFrame, streams=None) -> pd.DataFrame:
     return lam[lam["step"] == last].reset_index(drop=True)
 
 
+def negative_layers(final: pd.DataFrame, stream: str) -> list[int]:
+    """Layers where the stream's value, averaged over the runs of `final` (final_lambdas), is below zero."""
+    mean = final[final["stream"] == stream].groupby("layer")["value"].mean()
+    return [int(layer) for layer in mean.index[mean < 0]]
+
+
 def mixing_shares(final: pd.DataFrame, norms=None) -> pd.DataFrame:
     """Share of each input-mixing lambda (x, x00, x01, ...) per layer, as in seed 003.
 

@@ -45,7 +45,7 @@ def test_average_draws_the_mean_on_a_common_grid(runs):
     assert mean_v.get_ydata().tolist() == [15.0, 10.0, 5.0]
     assert mean_w.get_ydata().tolist() == [6.0, 5.0, 4.0]
     assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 1  # a band only where n > 1
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["v (mean of 2)", "w"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["v, mean of 2 runs", "w, 1 run"]
 
 
 def test_zoom_fits_y_to_the_window():

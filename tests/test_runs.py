@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from embxlib.runs import (
+    top_predictions,
     LAMBDA_COLUMNS,
     VAL_COLUMNS,
     ParseWarning,
@@ -463,3 +464,8 @@ def test_load_predictions_never_evaluates_code(tmp_path):
     path.write_text("tokens=__import__('os').getcwd()\npredictions={}\n")
     with pytest.raises(ValueError):
         load_predictions(path)
+
+
+def test_top_predictions_most_likely_first():
+    preds = {"predictions": {"x01": {1: {0.001: " accounts", 0.005: " account", 0.002: "ban"}}}}
+    assert top_predictions(preds, "x01", 1) == [" account", "ban", " accounts"]

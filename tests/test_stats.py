@@ -9,6 +9,7 @@ from scipy import stats as scipy_stats
 
 from embxlib.runs import load_runs, select
 from embxlib.stats import (
+    negative_layers,
     average_runs,
     compare_to_baseline,
     crossing_order,
@@ -310,3 +311,9 @@ def test_compare_to_baseline_reports_ci_and_seeds_needed():
     assert table.loc["new", "ci_low"] == pytest.approx(w["ci_low"]) and table.loc["new", "ci_high"] < 0.05
     sd = pooled_sd([2.9, 3.0, 2.95], [3.0, 3.1, 3.05])
     assert sd == pytest.approx(0.05) and table.loc["new", "seeds_needed"] == seeds_needed(-0.1, 0.05) == 6  # d = 2: 5.1
+
+
+def test_negative_layers_average_over_runs():
+    final = pd.DataFrame({"run": ["a", "a", "a", "b", "b", "b"], "variant": "v", "step": 10, "stream": "x00",
+                          "layer": [0, 1, 2, 0, 1, 2], "value": [1.0, -0.5, -1.0, 1.0, 0.7, -2.0], "source": "s"})
+    assert negative_layers(final, "x00") == [2] and negative_layers(final, "x01") == []

@@ -35,6 +35,16 @@ def default_slug(notebook) -> str:
     return stem[len("blog_"):] if stem.startswith("blog_") else stem
 
 
+def work_from_root() -> None:
+    """A post's notebook opened in JupyterLab runs in nbs/: move to the repository root, where blog.render runs it,
+    so that its relative paths (inputs, images/) mean the same. Anywhere else it does nothing."""
+    import os
+
+    from embxlib import ROOT
+    if Path.cwd().resolve() == (ROOT / "nbs").resolve():
+        os.chdir(ROOT)
+
+
 def figure(fig, slug: str, name: str, alt: str = "", root=None):
     """Save fig as images/<slug>/<name>.png (under root, default the cwd) and return the markdown that shows it
     from blog/<slug>/index.md. Display the returned object (last expression of a cell, or IPython display)."""

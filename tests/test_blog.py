@@ -153,3 +153,12 @@ def test_committed_posts_are_what_their_notebooks_render(tmp_path):
         assert (tmp_path / "blog" / slug / "index.md").read_bytes() == (ROOT / "blog" / slug / "index.md").read_bytes()
         rendered = {p.name: p.read_bytes() for p in (tmp_path / "images" / slug).iterdir()}
         assert rendered == {p.name: p.read_bytes() for p in (ROOT / "images" / slug).iterdir()}, slug
+
+
+def test_a_post_notebook_opened_in_nbs_works_from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(ROOT / "nbs")
+    blog.work_from_root()
+    assert Path.cwd() == ROOT
+    monkeypatch.chdir(ROOT / "tests")  # anywhere else (e.g. blog.render's own root): left alone
+    blog.work_from_root()
+    assert Path.cwd() == ROOT / "tests"

@@ -197,7 +197,8 @@ def test_launch_run_starts_from_a_config_file_and_prints_progress_lines(corpus, 
 
 
 def test_plain_progress_line():
-    assert launch._plain(40, 200, 62.0) == "step 40/200  elapsed 1:02, about 4:08 left"
+    assert launch._plain(40, 200, 62.0, left=248.0) == "step 40/200  elapsed 1:02, about 4:08 left"
+    assert launch._plain(0, 200, 31.0, "10.82581") == "step 0/200  val_loss 10.8258  elapsed 0:31"
     assert launch._plain(200, 200, 3725.0, "5.55733") == "step 200/200  val_loss 5.5573  elapsed 1:02:05"
 
 

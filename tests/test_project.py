@@ -1,15 +1,22 @@
 """Project hygiene: the README's commands, .ci/run, environment.yml as pip reads it and in step with pyproject.toml,
 one Python floor everywhere."""
+import json
 import re
+import subprocess
 import tomllib
 
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from conftest import PYTHON, ROOT
+
+# pip's own requirements-file parser, in a process of its own (pip imports distutils, which must not leak into
+# this one: torch's inductor needs setuptools' distutils later)
+PIP_PARSE = """import json, sys
 from pip._internal.network.session import PipSession
 from pip._internal.req.req_file import parse_requirements
-
-from conftest import ROOT
+print(json.dumps([[r.requirement, r.is_editable] for r in parse_requirements(sys.argv[1], session=PipSession())]))"""
 
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
@@ -29,11 +36,13 @@ def test_environment_yml_pip_lines_are_what_pip_accepts_and_pyproject_lists(tmp_
     # parse it with pip's own parser (an option pip does not take there, like --no-deps, fails here)
     reqs = tmp_path / "requirements.txt"
     reqs.write_text("\n".join(environment_pip_lines()) + "\n")
-    parsed = list(parse_requirements(str(reqs), session=PipSession()))
-    editable = [p.requirement for p in parsed if p.is_editable]
+    done = subprocess.run([PYTHON, "-c", PIP_PARSE, str(reqs)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parsed = json.loads(done.stdout)
+    editable = [req for req, is_editable in parsed if is_editable]
     assert editable == [".[dev]"], "environment.yml must install the project itself: -e .[dev]"
     assert PROJECT["name"] == "embxlib" and "dev" in PROJECT["optional-dependencies"]  # what ".[dev]" is
-    listed = sorted(canonical(p.requirement) for p in parsed if not p.is_editable)
+    listed = sorted(canonical(req) for req, is_editable in parsed if not is_editable)
     wanted = sorted(canonical(d) for d in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["dev"])
     assert listed == wanted
     assert any(name == "jupyterlab" for name, *_ in listed)

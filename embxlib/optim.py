@@ -64,14 +64,13 @@ class Muon(torch.optim.Optimizer):
         self.rank, self.world_size = rank, world_size
 
     def _chunks(self):
-        """Parameters of one shape, largest first, in chunks of world_size: rank r updates the r-th of each chunk."""
+        """Per shape (largest first), the parameters in chunks of world_size: rank r updates the r-th of each."""
         by_shape: dict[tuple, list] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 by_shape.setdefault(tuple(p.shape), []).append((p, group))
         for shape, items in sorted(by_shape.items(), key=lambda kv: -torch.Size(kv[0]).numel()):
-            for base in range(0, len(items), self.world_size):
-                yield shape, items[base: base + self.world_size]
+            yield shape, [items[base: base + self.world_size] for base in range(0, len(items), self.world_size)]
 
     def _gather(self, chunk, tensors: list[Tensor]) -> None:
         """Every rank receives the owner's version of tensors[j] (the j-th parameter's, or its state's)."""
@@ -83,28 +82,37 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        for shape, chunk in self._chunks():
-            for j, (p, group) in enumerate(chunk):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                    if p.dtype == torch.bfloat16:
-                        state["mantissa"] = torch.zeros_like(p, dtype=torch.uint16)
-                buf, m = state["momentum_buffer"], group["momentum"]
-                buf.lerp_(p.grad.float(), 1 - m)  # every rank keeps every buffer: rank 0's state is a checkpoint
-                if j != self.rank:
-                    continue
-                update = orthogonalize(torch.lerp(p.grad.float(), buf, m), self.coefficients, self.eps, self.ns_dtype)
-                rows, cols = p.shape[-2:]
-                decay, scale = group["lr"] * group["weight_decay"] * group["wd_mul"], group["lr"] * max(1, rows / cols) ** 0.5
-                if "mantissa" in state:
-                    master = join_master(p, state["mantissa"])
-                    master.mul_(1 - decay).add_(update, alpha=-scale)
-                    split_master(master, p, state["mantissa"])
-                else:
-                    p.mul_(1 - decay)
-                    p.add_(update.to(p.dtype), alpha=-scale)
-            self._gather(chunk, [p for p, _ in chunk])
+        for shape, chunks in self._chunks():
+            mine = []  # this rank's matrices of this shape, with their Nesterov momenta
+            for chunk in chunks:
+                for j, (p, group) in enumerate(chunk):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                        if p.dtype == torch.bfloat16:
+                            state["mantissa"] = torch.zeros_like(p, dtype=torch.uint16)
+                    buf, m, g = state["momentum_buffer"], group["momentum"], p.grad.float()
+                    buf.lerp_(g, 1 - m)  # every rank keeps every buffer: rank 0's state is a checkpoint
+                    if j == self.rank:
+                        mine.append((p, group, torch.lerp(g, buf, m)))
+            if mine:  # one batched Newton-Schulz for all of them (small matrices: the calls cost more than the math)
+                updates = orthogonalize(torch.stack([u for *_, u in mine]), self.coefficients, self.eps, self.ns_dtype)
+                for (p, group, _), update in zip(mine, updates):
+                    self._apply(p, group, update)
+            for chunk in chunks:
+                self._gather(chunk, [p for p, _ in chunk])
+
+    def _apply(self, p: Tensor, group: dict, update: Tensor) -> None:
+        rows, cols = p.shape[-2:]
+        decay, scale = group["lr"] * group["weight_decay"] * group["wd_mul"], group["lr"] * max(1, rows / cols) ** 0.5
+        state = self.state[p]
+        if "mantissa" in state:
+            master = join_master(p, state["mantissa"])
+            master.mul_(1 - decay).add_(update, alpha=-scale)
+            split_master(master, p, state["mantissa"])
+        else:
+            p.mul_(1 - decay)
+            p.add_(update.to(p.dtype), alpha=-scale)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts all state to its parameter's dtype on load; the state of a bf16 matrix is an fp32 momentum
@@ -121,8 +129,10 @@ class Muon(torch.optim.Optimizer):
     def gather_state(self) -> None:
         """Hand every rank the owners' mantissa buffers (each rank updates only its own parameters' buffers), so
         that rank 0's state_dict is complete. Call on every rank before saving a checkpoint."""
-        for _, chunk in self._chunks():
-            if "mantissa" in self.state.get(chunk[0][0], {}):
+        for _, chunks in self._chunks():
+            for chunk in chunks:
+                if "mantissa" not in self.state.get(chunk[0][0], {}):
+                    continue
                 # (as bf16: 16-bit payloads NCCL and gloo both carry; all_gather only copies the bits)
                 self._gather(chunk, [self.state[p]["mantissa"].view(torch.bfloat16) for p, _ in chunk])
 

@@ -466,8 +466,9 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     if cfg.warmup_steps and not args.resume:  # let torch.compile see every shape, then forget the steps
         state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict()))
         for i in range(cfg.warmup_steps):
-            rand = torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len + 1), device=device)
-            train_step(i, [(rand[:, :-1].int(), rand[:, 1:].long())] * accum)
+            # contiguous like the stream's batches: a slice's strides would make the first real step recompile
+            x, y = (torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len), device=device) for _ in range(2))
+            train_step(i, [(x.int(), y.long())] * accum)
             log.line(f"Warmup step {i + 1}/{cfg.warmup_steps}")
         model.load_state_dict(state["model"])
         adam.load_state_dict(state["adam"])

@@ -89,7 +89,7 @@ def test_four_and_eight_ranks_match_one_process(corpus, tmp_path):
     from embxlib.optim import join_master
     flags = ["--preset", "tiny", "--train-seq-len", "64", "--train-batch-tokens", "512", "--val-seq-len", "64",
              "--val-tokens", "512", "--window-max", "64", "--num-iterations", "4", "--val-loss-every", "2",
-             "--data-dir", str(corpus)]
+             "--no-compile", "--warmup-steps", "0", "--data-dir", str(corpus)]
     train.main([*flags, "--run-dir", str(tmp_path / "w1")])
     for world in (4, 8):
         r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
@@ -161,8 +161,8 @@ def test_resume_refuses_config_flags(tmp_path):
 
 def test_too_little_data_stops_before_the_run_folder(corpus, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"run out at step 1401.*repeat_data=True"):
-        train.main(["--preset", "tiny", "--num-iterations", "1500", "--data-dir", str(corpus), "--run-dir", str(run)])
+    with pytest.raises(SystemExit, match=r"run out at step 700.*repeat_data=True"):  # 2,048-token steps
+        train.main(["--preset", "tiny", "--num-iterations", "800", "--data-dir", str(corpus), "--run-dir", str(run)])
     assert not run.exists()
 
 
@@ -188,3 +188,16 @@ def test_allocator_setting_is_upstreams():
                        capture_output=True, text=True, env={k: v for k, v in python_env().items()
                                                             if "ALLOC_CONF" not in k})
     assert r.stdout.strip() == "expandable_segments:True", r.stderr
+
+
+def test_compiled_training_compiles_once_in_the_warmup(fast_args, tmp_path):
+    """With compile, the warmup steps compile the training graph and validation compiles its own (no_grad); the
+    timed steps then compile nothing more (a warmup batch of another stride than the stream's cost the first
+    timed step a recompile: seconds of train_time on a CPU)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    train.main(fast_args(tmp_path / "run", "--compile", "--warmup-steps", "1", "--num-iterations", "3"))
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()

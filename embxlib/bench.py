@@ -188,21 +188,39 @@ def plain_step(cfg, device="cpu", compile=False):
     return step
 
 
-def bench_training(extra=range(5), steps: int = 8, warmup: int = 3, compile_modes=(False, True)) -> list[dict]:
+def bench_training(extra=range(5), steps: int = 5, warmup: int = 3, compile_modes=(False, True),
+                   rounds: int = 4) -> list[dict]:
+    """ms per training step of the plain GPT and embxlib tiny x00..x04, eager and compiled. All models are built
+    (and compiled) first, then timed in `rounds` interleaved rounds of `steps` steps each, so that a slow spell of
+    the machine hits every model alike; the median over all timed steps is reported. vs_x00 and vs_plain compare
+    with the same mode's x00 and plain GPT, vs_plain_eager with the eager plain GPT."""
     from embxlib.config import tiny
-    rows = []
+    models = []
     for compiled in compile_modes:
-        cfg = tiny()
-        tokens = cfg.train_batch_tokens
-        plain = _median_step_ms(plain_step(cfg, compile=compiled), warmup, steps)
-        rows.append(dict(model="plain GPT (nanoGPT style)", compiled=compiled, ms_per_step=plain,
-                         tokens_per_s=tokens / plain * 1000))
-        base = None
-        for n in extra:
-            ms = _median_step_ms(embxlib_step(tiny(extra_embeds=n), compile=compiled), warmup, steps)
-            base = base or ms
-            rows.append(dict(model=f"embxlib tiny x0{n}", compiled=compiled, ms_per_step=ms,
-                             tokens_per_s=tokens / ms * 1000, vs_x00=ms / base, vs_plain=ms / plain))
+        models.append(("plain GPT (nanoGPT style)", compiled, plain_step(tiny(), compile=compiled)))
+        models += [(f"embxlib tiny x0{n}", compiled, embxlib_step(tiny(extra_embeds=n), compile=compiled))
+                   for n in extra]
+    times: list[list[float]] = [[] for _ in models]
+    for _, _, step in models:
+        for _ in range(warmup):
+            step()
+    for _ in range(rounds):
+        for i, (_, _, step) in enumerate(models):
+            for _ in range(steps):
+                t = time.perf_counter()
+                step()
+                times[i].append(1000 * (time.perf_counter() - t))
+    tokens = tiny().train_batch_tokens
+    ms = {(name, compiled): float(np.median(t)) for (name, compiled, _), t in zip(models, times)}
+    plain = models[0][0]
+    rows = []
+    for name, compiled, _ in models:
+        m = ms[(name, compiled)]
+        row = dict(model=name, compiled=compiled, ms_per_step=m, tokens_per_s=tokens / m * 1000)
+        if name != plain:
+            row.update(vs_x00=m / ms[("embxlib tiny x00", compiled)], vs_plain=m / ms[(plain, compiled)],
+                       vs_plain_eager=m / ms[(plain, False)] if (plain, False) in ms else None)
+        rows.append(row)
     return rows
 
 
@@ -229,7 +247,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m embxlib.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["training", "analysis"], default=None)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration (median reported)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round (median reported)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds over all configurations")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     ap.add_argument("--out", default="bench/out/bench.json")
     args = ap.parse_args(argv)
@@ -238,7 +257,8 @@ def main(argv=None):
     result = {}
     if args.only in (None, "training"):
         import torch
-        result["training"] = bench_training(steps=args.steps, compile_modes=(False,) if args.no_compile else (False, True))
+        result["training"] = bench_training(steps=args.steps, rounds=args.rounds,
+                                            compile_modes=(False,) if args.no_compile else (False, True))
         result["threads"] = torch.get_num_threads()
         print(tabulate(result["training"], headers="keys", tablefmt="github", floatfmt=".3f"))
         gpu = bench_gpu()

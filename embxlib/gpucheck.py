@@ -161,7 +161,7 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
         base, name = ["--preset", "medium_x01", "--no-coordinate-descent-tuning"], "medium_x01"
         val_tokens = 4 * 262144
     else:
-        base, name = ["--preset", "tiny", "--device", "cpu"], "tiny"
+        base, name = ["--preset", "tiny", "--device", "cpu", "--no-compile", "--warmup-steps", "0"], "tiny"
         val_tokens = 4 * 1024
     run_dir = out / f"gpucheck-run-{time.strftime('%Y%m%d-%H%M%S')}"
     corpus = corpus_dir(Path(data), Path(tempfile.mkdtemp()), val_tokens)

@@ -386,9 +386,9 @@ class HeadLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor):  # (in place: the saved gradients serve this backward only)
         dx, dw = ctx.saved_tensors
-        return dx * grad.to(dx.dtype), dw * grad.to(dw.dtype), None, None, None
+        return dx.mul_(grad.to(dx.dtype)), dw.mul_(grad.to(dw.dtype)), None, None, None
 
 
 def count_params(cfg: Config) -> int:

@@ -79,11 +79,16 @@ def test_comparison_section(tmp_path):
                 rows.append(dict(run=f"{variant}-s{seed}", variant=variant, step=step,
                                  train_time_s=step * (1.2 if variant == "better" else 1.0), val_loss=loss))
     val = pd.DataFrame(rows)
-    md = blog.comparison(val, ["better", "same"], "base", "demo", "cmp", zoom_from=50, root=tmp_path).data
+    md = blog.comparison(val, ["better", "same"], "base", "demo", "cmp", zoom_from=50, root=tmp_path,
+                         refs={"bigram": 3.5}).data
     for name in ("cmp-step.png", "cmp-step-50-100.png", "cmp-time.png"):
         assert (tmp_path / "images" / "demo" / name).is_file() and f"images/demo/{name}" in md
-    assert "**better** (3 runs): final loss lower than base" in md
-    assert "**same** (3 runs): no difference from base shown" in md
+    from scipy import stats as st
+    ci = st.ttest_ind(finals["better"], finals["base"], equal_var=False).confidence_interval(0.95)
+    assert f"**better** (3 runs vs 3): final loss lower than base (mean difference -0.2000, 95% CI [{ci.low:+.4f}, " in md
+    assert "**same** (3 runs vs 3): no difference from base shown (mean difference +0.0033" in md
+    # d = 0.00333 / pooled sd 0.00890 = 0.375; normal approximation 2 (1.96 + 0.84)^2 / d^2 = 112, the t test a run more
+    assert "would need 113 runs per arm" in md
     table_line = next(line for line in md.splitlines() if line.startswith("| better"))
     assert "1.2" in table_line  # 1.2x the baseline's ms per step
     assert np.isclose(float(table_line.split("|")[5]), np.mean(finals["better"]) - np.mean(finals["base"]))

@@ -165,7 +165,7 @@ def test_data_for_the_presets_from_the_reference():
 def test_too_little_data_is_refused_naming_the_way_out(tmp_path, corpus):
     from embxlib.data import shard_files
     train, val = shard_files(corpus, "train"), shard_files(corpus, "val")
-    have = steps_available(train, 1024)
+    have = steps_available(train, tiny().train_batch_tokens)
     cfg = tiny(num_iterations=have + 1, data_dir=str(corpus))
     with pytest.raises(ValueError, match=rf"run out at step {have}.*repeat_data=True"):
         check_enough_data(train, val, cfg, 1)

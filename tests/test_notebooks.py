@@ -23,9 +23,14 @@ NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
 
 def fast_params(corpus) -> dict:
     """conftest.FAST as notebook parameters."""
-    flags = dict(zip(FAST[::2], FAST[1::2]))
-    out = {k[2:].replace("-", "_"): v for k, v in flags.items()}
-    out = {k: (v if k == "preset" else int(v)) for k, v in out.items()}
+    out, words = {}, iter(FAST)
+    for flag in words:
+        name = flag[2:].replace("-", "_")
+        if name.startswith("no_"):  # --no-compile
+            out[name[3:]] = False
+        else:
+            value = next(words)
+            out[name] = value if name == "preset" else int(value)
     return {**out, "data_dir": str(corpus)}
 
 

@@ -125,7 +125,8 @@ def test_a_full_disk_fails_the_run_cleanly(corpus, tmp_path):
     summary = read_json(run / "summary.json")
     assert summary["status"] == "failed"
     assert summary["error"] == f"OSError: [Errno 27] File too large: '{run / 'checkpoint.pt'}'"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "log.txt", "metrics.jsonl", "summary.json"]
+    made = sorted(p.name for p in run.iterdir() if p.name != "git.diff")  # (git.diff: when the checkout has changes)
+    assert made == ["config.json", "log.txt", "metrics.jsonl", "summary.json"]
     assert "# FAILED on rank 0: OSError: [Errno 27] File too large" in (run / "log.txt").read_text()
 
 

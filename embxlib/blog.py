@@ -95,11 +95,13 @@ def final_table(final) -> str:
 
 
 def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str = "std", zoom_from=None,
-               alpha: float = 0.05, root=None):
+               alpha: float = 0.05, root=None, refs: dict | None = None):
     """A post section comparing variants with a baseline, computed from the validation table `val`: mean curves
     per step (all steps and from `zoom_from` on) and per training time, saved as images/<slug>/<prefix>-*.png, and
     the final-loss table with two-sided Welch tests (stats.compare_to_baseline), each followed by what it shows
-    at level `alpha`. Returns the Markdown to display."""
+    at level `alpha`, its 95% confidence interval and the runs per arm that would show a difference that size
+    (stats.seeds_needed). refs ({label: loss}) are drawn as reference lines in the full-range figures.
+    Returns the Markdown to display."""
     import pandas as pd
     from IPython.display import Markdown
 
@@ -109,27 +111,31 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
     df = val[val["variant"].isin(order)]
     df = df.assign(_order=df["variant"].map(order.index)).sort_values(["_order", "run", "step"]).drop(columns="_order")
     last = int(df["step"].max())
-    parts = [figure(plots.plot_val_loss(df, x="step", average=True, band=band), slug, f"{prefix}-step.png",
+    parts = [figure(plots.plot_val_loss(df, x="step", average=True, band=band, refs=refs), slug, f"{prefix}-step.png",
                     f"{prefix}: validation loss per step", root).data]
     if zoom_from is not None:
         parts.append(figure(plots.plot_val_loss(df, x="step", xlim=(zoom_from, last), average=True, band=band), slug,
                             f"{prefix}-step-{zoom_from}-{last}.png", f"{prefix}: steps {zoom_from}-{last}", root).data)
-    parts.append(figure(plots.plot_val_loss(df, x="train_time_s", average=True, band=band), slug, f"{prefix}-time.png",
+    parts.append(figure(plots.plot_val_loss(df, x="train_time_s", average=True, band=band, refs=refs), slug,
+                        f"{prefix}-time.png",
                         f"{prefix}: validation loss per training time", root).data)
     table = stats.compare_to_baseline(df, baseline, order)
-    cols = [c for c in ("variant", "n", "loss_mean", "loss_std", "diff", "t_stat", "p_two_sided", "ms_per_step",
-                        "step_time_ratio") if c in table]
+    cols = [c for c in ("variant", "n", "loss_mean", "loss_std", "diff", "ci_low", "ci_high", "p_two_sided",
+                        "seeds_needed", "ms_per_step", "step_time_ratio") if c in table]
     parts.append(table[cols].to_markdown(index=False, floatfmt=".4g"))
     lines = []
     for row in table.itertuples():
         if row.variant == baseline or pd.isna(getattr(row, "p_two_sided", None)):
             continue
+        ci = f"mean difference {row.diff:+.4f}, 95% CI [{row.ci_low:+.4f}, {row.ci_high:+.4f}]"
         if row.p_two_sided < alpha:
-            verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {baseline} (p = {row.p_two_sided:.3f})"
+            verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {baseline} ({ci}; p = {row.p_two_sided:.2g})"
         else:
-            verdict = (f"no difference from {baseline} shown at this sample size (p = {row.p_two_sided:.2f}; "
-                       f"mean difference {row.diff:+.4f})")
-        lines.append(f"- **{row.variant}** ({row.n} runs): {verdict}.")
+            need = row.seeds_needed
+            verdict = (f"no difference from {baseline} shown ({ci}; p = {row.p_two_sided:.2f}); a difference this size "
+                       f"would need {int(need)} runs per arm to show at p < {alpha} with 80% power" if need == need and
+                       need != float("inf") else f"no difference from {baseline} shown ({ci}; p = {row.p_two_sided:.2f})")
+        lines.append(f"- **{row.variant}** ({row.n} runs vs {table['n'].iloc[0]}): {verdict}.")
     parts.append("\n".join(lines))
     return Markdown("\n\n".join(parts))
 

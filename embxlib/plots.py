@@ -44,12 +44,14 @@ def _fit_y(ax, ys, pad: float = 0.05) -> None:
 
 
 def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = False, band: str = "std",
-                  target: float | None = None, n_grid: int = 512, ax=None, title: str | None = None) -> Figure:
+                  target: float | None = None, n_grid: int = 512, ax=None, title: str | None = None,
+                  refs: dict | None = None) -> Figure:
     """Validation loss against "step" or "train_time_s", one colour per variant, in the table's order.
 
     average=False draws every run; average=True draws each variant's mean over its runs on a common grid with a
     band ("std" or "ci95", see stats.average_runs), labelled "<variant>, mean of <n> runs" (or ", 1 run"). xlim zooms in (the y range follows the zoom); target draws
-    a horizontal line at that loss.
+    a horizontal line at that loss; refs ({label: loss}) draws dotted reference lines (e.g. n-gram losses) that the
+    y range of a zoom does not follow.
     """
     fig, ax = _figure(ax)
     variants = list(pd.unique(df["variant"]))
@@ -77,6 +79,8 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
                 visible.append(run.loc[(run[x] >= lo_x) & (run[x] <= hi_x), "val_loss"])
     if target is not None:
         ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label=f"target {target}")
+    for i, (label, loss) in enumerate((refs or {}).items()):
+        ax.axhline(loss, color=str(0.2 + 0.25 * i), linestyle=":", linewidth=1.2, label=f"{label} ({loss:.3f})")
     if xlim is not None:
         ax.set_xlim(*xlim)
         _fit_y(ax, visible + ([[target]] if target is not None else []))

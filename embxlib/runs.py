@@ -452,6 +452,21 @@ def load_lambdas(paths) -> pd.DataFrame:
     return _load(paths, with_lambdas=True)[1]
 
 
+def run_settings(paths) -> pd.DataFrame:
+    """One row per embxlib run folder among paths (as load_runs expands them): source, the config.json fields,
+    and the code it ran: commit (from log.txt's header) and dirty (the checkout had uncommitted changes, kept in
+    the folder's git.diff). What a post states about how its runs were made comes from here."""
+    rows = []
+    for path in _expand(paths):
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            continue
+        header = _read_text(path / "log.txt")[:4096] if (path / "log.txt").is_file() else ""
+        found = re.search(r"^git commit: (\S+)(.*)$", header, re.M)
+        rows.append({"source": str(path), **_read_json_file(path / "config.json"),
+                     "commit": found[1] if found else None, "dirty": bool(found and "uncommitted" in found[2])})
+    return pd.DataFrame(rows)
+
+
 def select(table: pd.DataFrame, variants) -> pd.DataFrame:
     """Keep the given variants in the given order (plots and tables follow it); a dict also renames them."""
     if variants is None:

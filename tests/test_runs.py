@@ -469,3 +469,20 @@ def test_load_predictions_never_evaluates_code(tmp_path):
 def test_top_predictions_most_likely_first():
     preds = {"predictions": {"x01": {1: {0.001: " accounts", 0.005: " account", 0.002: "ban"}}}}
     assert top_predictions(preds, "x01", 1) == [" account", "ban", " accounts"]
+
+
+def test_run_settings_name_the_commit_each_run_was_made_from(tmp_path):
+    """The commit line as train.header_lines writes it for a clean and for a dirty checkout."""
+    import torch
+    from embxlib.config import tiny
+    from embxlib.runs import run_settings
+    from embxlib.train import header_lines
+    sha = "55de1000ea170243fe20772d5e6d47b49791d9dc"
+    for seed, commit in enumerate([f"{sha} (clean)", f"{sha} + uncommitted changes to 2 tracked file(s), saved in git.diff"]):
+        write_run(tmp_path / "sweep" / f"s{seed}", seed=seed)
+        cfg = tiny(seed=seed)
+        (tmp_path / "sweep" / f"s{seed}" / "log.txt").write_text(
+            "\n".join(header_lines(cfg, ["--seed", str(seed)], 1, 4, torch.device("cpu"), commit)) + "\n")
+    table = run_settings([tmp_path / "sweep"])
+    assert list(table["commit"]) == [sha, sha] and list(table["dirty"]) == [False, True]
+    assert list(table["seed"]) == [0, 1] and list(table["source"]) == [str(tmp_path / "sweep" / f"s{i}") for i in (0, 1)]

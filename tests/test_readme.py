@@ -137,5 +137,6 @@ def test_the_readme_sweeps_made_the_committed_runs():
         spec = launch.sweep_spec(yaml.safe_load(words[words.index("-y") + 1]))
         for name, params in launch.check_sweep(**spec):
             run = ROOT / spec["sweep_dir"] / name
-            assert json.loads((run / "config.json").read_text()) == launch.resolve(params).to_dict(), run
+            expected = json.loads(json.dumps(launch.resolve(params).to_dict()))  # (tuples as config.json has lists)
+            assert json.loads((run / "config.json").read_text()) == expected, run
             assert json.loads((run / "summary.json").read_text())["status"] == "finished", run

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,6 @@ def runs_per_variant(val) -> str:
 
 def data_end(val, x: str = "train_time_s", step: int = 10) -> int:
     """The end of the data in x, rounded up to a multiple of step: the right edge of a zoom that shows it all."""
-    import math
     return int(math.ceil(float(val[x].max()) / step) * step)
 
 
@@ -131,10 +131,10 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
         if row.p_two_sided < alpha:
             verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {baseline} ({ci}; p = {row.p_two_sided:.2g})"
         else:
-            need = row.seeds_needed
-            verdict = (f"no difference from {baseline} shown ({ci}; p = {row.p_two_sided:.2f}); a difference this size "
-                       f"would need {int(need)} runs per arm to show at p < {alpha} with 80% power" if need == need and
-                       need != float("inf") else f"no difference from {baseline} shown ({ci}; p = {row.p_two_sided:.2f})")
+            verdict = f"no difference from {baseline} shown ({ci}; p = {row.p_two_sided:.2f})"
+            if math.isfinite(row.seeds_needed):
+                verdict += (f"; a difference this size would need {int(row.seeds_needed)} runs per arm to show at "
+                            f"p < {alpha} with 80% power")
         lines.append(f"- **{row.variant}** ({row.n} runs vs {table['n'].iloc[0]}): {verdict}.")
     parts.append("\n".join(lines))
     return Markdown("\n\n".join(parts))

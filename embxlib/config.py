@@ -410,10 +410,11 @@ def load_config_file(path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise ValueError(f"config file {path}: {e.strerror or e}") from None
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
-        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+        raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: "
                          f"{str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of Config fields, got {type(data).__name__}")

@@ -113,6 +113,7 @@ def estimate(cfg: Config, device_type: str = "cuda") -> dict:
             model = model.to_empty(device="cpu")  # fake: no storage is allocated
             if device_type == "cuda":
                 model.fused_loss = phase != "train_graph_loss" and cfg.compile
+                model.sparse_table_grads = False  # the fake tensors live on the CPU; CUDA's table gradients are dense
                 model.masks = lambda idx, window=None: {"L": None, "S": None}  # causal SDPA for FlexAttention
             out[phase] = measure(model, cfg, train=train)
     return out

@@ -218,6 +218,9 @@ class GPT(nn.Module):
         # the loss of a training step: HeadLoss (chunked head + cap + CE, measured to help on CPU) or the plain autograd
         # graph (what torch.compile fuses on CUDA, as upstream); None: HeadLoss on CPU, the graph on CUDA
         self.fused_loss: bool | None = None
+        # the tables' gradients: dense per micro-step (in the compiled graph, as upstream) or, once a table has a
+        # .grad, only its rows looked up (False, True; None: the latter on CPU when training, see SparseRowsGrad)
+        self.sparse_table_grads: bool | None = None
         self.loss_chunk = LOSS_CHUNK  # rows of logits at once wherever the loss is chunked (always in validation)
         if cfg.precision == "bf16":
             self.to_upstream_dtypes()
@@ -261,7 +264,7 @@ class GPT(nn.Module):
         window: the long attention window in attn_block_size blocks (None: the final one). The training loop
         passes a 0-dim tensor, so that a compiled forward does not recompile as the window grows; the masks are
         built inside, as upstream. `collect`: see trunk."""
-        x = self.trunk(idx, window, collect)
+        x = self.trunk(idx, window, collect, self.lookup(idx))  # looked up first: one graph break, before the graph
         if targets is None:
             return self.head(x)
         x, targets, c = x.flatten(0, 1), targets.flatten(), self.cfg.logit_softcap
@@ -271,16 +274,17 @@ class GPT(nn.Module):
             return HeadLoss.apply(x, self.lm_head_w, targets, c, self.loss_chunk)
         return F.cross_entropy(self.head(x), targets)
 
-    def trunk(self, idx: Tensor, window=None, collect: dict | None = None) -> Tensor:
+    def trunk(self, idx: Tensor, window=None, collect: dict | None = None, rows: list | None = None) -> Tensor:
         """The normed final residual (B, T, D). `collect`, if a dict, receives detached activations for analysis:
         x-i (residual entering block i), x-out (normed final residual), x00..x0N and ve0..: what the logit lens
-        and the norm metrics read."""
+        and the norm metrics read. `rows`: self.lookup(idx), if already done."""
         cfg = self.cfg
         B, T = idx.shape
         masks = self.masks(idx, window)
-        x0s = norm(self.embed(idx).view(B, T, self.K, cfg.model_dim)).permute(2, 0, 1, 3)  # (K, B, T, D)
-        ves = self.value_embed(idx).view(B, T, self.num_ve, cfg.model_dim) if self.value_embed is not None else None
-        tls = self.token_lambda(idx) if self.token_lambda is not None else None  # (B, T, L)
+        rows = self.lookup(idx) if rows is None else rows
+        x0s = norm(rows[0].view(B, T, self.K, cfg.model_dim)).permute(2, 0, 1, 3)  # (K, B, T, D)
+        ves = rows[1].view(B, T, self.num_ve, cfg.model_dim) if self.value_embed is not None else None
+        tls = rows[2] if self.token_lambda is not None else None  # (B, T, L)
         skip_w, lams, sas = self.skip_weights(), self.block_lambdas(), self.sa_lambdas()
         skips_into: dict[int, list[int]] = {}
         for d, s in cfg.skip_pairs:
@@ -306,10 +310,58 @@ class GPT(nn.Module):
             collect["x-out"] = x.detach()
         return x
 
+    def lookup(self, idx: Tensor) -> list[Tensor | None]:
+        """The rows of idx in the input, value and token-lambda tables (None for a table the model lacks)."""
+        tables = [t if t is None else t.weight for t in (self.embed, self.value_embed, self.token_lambda)]
+        sparse = self.sparse_table_grads
+        if sparse or (sparse is None and not idx.is_cuda and torch.is_grad_enabled()):
+            return _sparse_grad_lookup(tables, idx)
+        return [None if w is None else F.embedding(idx, w) for w in tables]
+
     def head(self, x: Tensor) -> Tensor:
         """LM head and ISRU soft-cap; the matmul in the activations' dtype (bf16 under upstream's policy, as its
         lm_head_w.bfloat16()), the logits in fp32."""
         return SoftCap.apply(F.linear(x, self.lm_head_w.type_as(x)).float(), self.cfg.logit_softcap)
+
+
+@torch.compiler.disable  # sparse gradients cannot pass through a compiled graph; this runs eagerly before it
+def _sparse_grad_lookup(tables: list[Tensor | None], idx: Tensor) -> list[Tensor | None]:
+    return [None if w is None else SparseRowsGrad.apply(w, idx) for w in tables]
+
+
+class SparseRowsGrad(torch.autograd.Function):
+    """F.embedding(idx, weight) whose weight gradient touches only the looked-up rows once the weight has a .grad.
+
+    A dense embedding backward zero-fills an fp32 table, adds the rows in and rounds the whole table to bf16, then
+    gradient accumulation adds that table to .grad: per micro-step three passes over every table for the 512 of
+    50,257 rows a tiny CPU micro-step touches (bench: 25 ms of a 520 ms compiled step). Here the rows are summed
+    per distinct token in fp32 and rounded once, as in upstream's compiled backward, and added to .grad as a sparse
+    tensor: the .grad of that backward bit for bit (tests/test_model.py; eager PyTorch's CPU kernel sums otherwise
+    and differs in the last bits). The first micro-step, with no .grad yet, returns the rows scattered into a dense
+    table (the optimisers need a dense .grad). All shapes are static (sort, not unique), so fake tensors trace it
+    (memory.estimate)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.weight = weight
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        w = ctx.weight
+        flat = idx.reshape(-1).long()
+        rows, order = flat.sort(stable=True)
+        new = torch.ones_like(rows, dtype=torch.bool)
+        new[1:] = rows[1:] != rows[:-1]
+        run = new.cumsum(0) - 1  # slot of each sorted entry: its distinct row; slots past the last row stay 0
+        g = grad.reshape(-1, w.size(1))[order].float()
+        sums = torch.zeros_like(g).index_add_(0, run, g).to(w.dtype)
+        slots = torch.zeros_like(rows).scatter_(0, run, rows)  # the row of each slot (unused slots: row 0, sum 0)
+        if w.grad is None:  # AccumulateGrad keeps this as .grad; adding zero sums to row 0 changes nothing
+            return torch.zeros_like(w).index_put_((slots,), sums, accumulate=True), None
+        return torch.sparse_coo_tensor(slots[None], sums, w.shape, check_invariants=False), None  # valid: built so
 
 
 class SoftCap(torch.autograd.Function):

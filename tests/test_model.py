@@ -133,6 +133,39 @@ def test_model_loss_is_the_same_fused_or_not():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_sparse_table_gradients_are_upstreams_dense_ones():
+    """SparseRowsGrad (the CPU path's table gradient) gives .grad bit for bit what upstream's compiled graph gives:
+    per micro-step the incoming rows summed per token in fp32 and rounded to bf16 once (inductor's decomposition of
+    the embedding backward, run here compiled), accumulated over micro-steps in bf16; .grad stays dense. Tokens
+    repeat (20 distinct in 128), so rows are summed. (Eager PyTorch's CPU kernel sums the rows in bf16.)"""
+    from embxlib.model import SparseRowsGrad
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 16, generator=g).bfloat16().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    upstream = torch.compile(lambda w, idx: F.embedding(idx, w), dynamic=False)
+    for micro in range(3):
+        idx = torch.randint(0, 20, (1, 128), generator=g)
+        grad = torch.randn(1, 128, 16, generator=g).bfloat16()
+        SparseRowsGrad.apply(w, idx).backward(grad)
+        upstream(w_ref, idx).backward(grad)
+        assert w.grad.layout == torch.strided
+        by_hand = torch.zeros(300, 16).index_add_(0, idx[0], grad[0].float()).bfloat16()
+        expected = by_hand if micro == 0 else expected + by_hand
+        assert torch.equal(w.grad, expected), micro
+        assert torch.equal(w.grad, w_ref.grad), micro
+    torch._dynamo.reset()
+
+
+def test_sparse_table_gradients_only_where_the_cpu_trains():
+    m = GPT(small())
+    idx = tokens()
+    assert m.lookup(idx)[0].grad_fn.name() == "SparseRowsGradBackward"  # CPU, training: None means sparse
+    with torch.no_grad():
+        assert m.lookup(idx)[0].grad_fn is None
+    m.sparse_table_grads = False
+    assert m.lookup(idx)[0].grad_fn.name() == "EmbeddingBackward0"
+
+
 def test_precision_policy_dtypes_per_tensor():
     """Upstream's policy (precision=bf16): bf16 tables and block matrices, fp32 LM head, scalars and rotary tables;
     a bf16 residual stream; fp32 logits and loss; gradients and Adam state in their parameter's dtype; Muon's

@@ -1,7 +1,7 @@
 """Benchmarks: `python -m embxlib.bench` prints tables of timings and writes them to bench/out/bench.json.
 
     python -m embxlib.bench                      # training (eager + compiled) and analysis
-    python -m embxlib.bench --no-compile --steps 5
+    python -m embxlib.bench --no-compile --steps 2 --rounds 2
     python -m embxlib.bench --only analysis
 
 Training: the tiny preset for extra_embeds 0..4 against a plain nanoGPT-style GPT of the same width, depth,
@@ -188,12 +188,13 @@ def plain_step(cfg, device="cpu", compile=False):
     return step
 
 
-def bench_training(extra=range(5), steps: int = 5, warmup: int = 3, compile_modes=(False, True),
-                   rounds: int = 4) -> list[dict]:
+def bench_training(extra=range(5), steps: int = 3, warmup: int = 3, compile_modes=(False, True),
+                   rounds: int = 8) -> list[dict]:
     """ms per training step of the plain GPT and embxlib tiny x00..x04, eager and compiled. All models are built
-    (and compiled) first, then timed in `rounds` interleaved rounds of `steps` steps each, so that a slow spell of
-    the machine hits every model alike; the median over all timed steps is reported. vs_x00 and vs_plain compare
-    with the same mode's x00 and plain GPT, vs_plain_eager with the eager plain GPT."""
+    (and compiled) first, then timed in `rounds` interleaved rounds of `steps` steps each, every other round in
+    reverse order, so that a slow spell of the machine hits every model alike; the median over all timed steps is
+    reported, with the quartiles. vs_x00 and vs_plain compare with the same mode's x00 and plain GPT,
+    vs_plain_eager with the eager plain GPT."""
     from embxlib.config import tiny
     models = []
     for compiled in compile_modes:
@@ -204,8 +205,9 @@ def bench_training(extra=range(5), steps: int = 5, warmup: int = 3, compile_mode
     for _, _, step in models:
         for _ in range(warmup):
             step()
-    for _ in range(rounds):
-        for i, (_, _, step) in enumerate(models):
+    for r in range(rounds):
+        order = list(enumerate(models))
+        for i, (_, _, step) in order[::-1] if r % 2 else order:
             for _ in range(steps):
                 t = time.perf_counter()
                 step()
@@ -216,7 +218,9 @@ def bench_training(extra=range(5), steps: int = 5, warmup: int = 3, compile_mode
     rows = []
     for name, compiled, _ in models:
         m = ms[(name, compiled)]
-        row = dict(model=name, compiled=compiled, ms_per_step=m, tokens_per_s=tokens / m * 1000)
+        q25, q75 = np.percentile(times[len(rows)], [25, 75])
+        row = dict(model=name, compiled=compiled, ms_per_step=m, ms_q25=float(q25), ms_q75=float(q75),
+                   tokens_per_s=tokens / m * 1000)
         if name != plain:
             row.update(vs_x00=m / ms[("embxlib tiny x00", compiled)], vs_plain=m / ms[(plain, compiled)],
                        vs_plain_eager=m / ms[(plain, False)] if (plain, False) in ms else None)
@@ -247,8 +251,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m embxlib.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["training", "analysis"], default=None)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round (median reported)")
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds over all configurations")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round (median reported)")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds over all configurations")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     ap.add_argument("--out", default="bench/out/bench.json")
     args = ap.parse_args(argv)
@@ -259,7 +263,7 @@ def main(argv=None):
         import torch
         result["training"] = bench_training(steps=args.steps, rounds=args.rounds,
                                             compile_modes=(False,) if args.no_compile else (False, True))
-        result["threads"] = torch.get_num_threads()
+        result.update(threads=torch.get_num_threads(), rounds=args.rounds, steps_per_round=args.steps)
         print(tabulate(result["training"], headers="keys", tablefmt="github", floatfmt=".3f"))
         gpu = bench_gpu()
         if gpu:

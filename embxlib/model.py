@@ -336,10 +336,12 @@ class SparseRowsGrad(torch.autograd.Function):
     gradient accumulation adds that table to .grad: per micro-step three passes over every table for the 512 of
     50,257 rows a tiny CPU micro-step touches (bench: 25 ms of a 520 ms compiled step). Here the rows are summed
     per distinct token in fp32 and rounded once, as in upstream's compiled backward, and added to .grad as a sparse
-    tensor: the .grad of that backward bit for bit (tests/test_model.py; eager PyTorch's CPU kernel sums otherwise
-    and differs in the last bits). The first micro-step, with no .grad yet, returns the rows scattered into a dense
-    table (the optimisers need a dense .grad). All shapes are static (sort, not unique), so fake tensors trace it
-    (memory.estimate)."""
+    tensor: from the same incoming gradient, the .grad of that backward bit for bit (tests/test_model.py; eager
+    PyTorch's CPU kernel sums otherwise). Here the lookup sits outside the compiled graph, so its incoming gradient
+    is rounded to bf16 where a fused kernel may keep it in fp32: training losses agree with the in-graph backward
+    to within two runs' own float noise (2e-4 over 20 steps). The first micro-step, with no .grad yet, returns the
+    rows scattered into a dense table (the optimisers need a dense .grad). All shapes are static (sort, not
+    unique), so fake tensors trace it (memory.estimate)."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, idx: Tensor) -> Tensor:

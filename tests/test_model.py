@@ -134,10 +134,10 @@ def test_model_loss_is_the_same_fused_or_not():
 
 
 def test_sparse_table_gradients_are_upstreams_dense_ones():
-    """SparseRowsGrad (the CPU path's table gradient) gives .grad bit for bit what upstream's compiled graph gives:
-    per micro-step the incoming rows summed per token in fp32 and rounded to bf16 once (inductor's decomposition of
-    the embedding backward, run here compiled), accumulated over micro-steps in bf16; .grad stays dense. Tokens
-    repeat (20 distinct in 128), so rows are summed. (Eager PyTorch's CPU kernel sums the rows in bf16.)"""
+    """From the same incoming gradient, SparseRowsGrad (the CPU path's table gradient) gives .grad bit for bit what
+    upstream's compiled graph gives: per micro-step the rows summed per token in fp32 and rounded once (inductor's
+    decomposition of the embedding backward, run here compiled), accumulated over micro-steps in bf16; .grad stays
+    dense. Tokens repeat (20 distinct in 128), so rows are summed. (Eager PyTorch's CPU kernel sums otherwise.)"""
     from embxlib.model import SparseRowsGrad
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 16, generator=g).bfloat16().requires_grad_()

@@ -216,9 +216,9 @@ def bench_training(extra=range(5), steps: int = 3, warmup: int = 3, compile_mode
     ms = {(name, compiled): float(np.median(t)) for (name, compiled, _), t in zip(models, times)}
     plain = models[0][0]
     rows = []
-    for name, compiled, _ in models:
+    for (name, compiled, _), t in zip(models, times):
         m = ms[(name, compiled)]
-        q25, q75 = np.percentile(times[len(rows)], [25, 75])
+        q25, q75 = np.percentile(t, [25, 75])
         row = dict(model=name, compiled=compiled, ms_per_step=m, ms_q25=float(q25), ms_q75=float(q75),
                    tokens_per_s=tokens / m * 1000)
         if name != plain:

@@ -50,8 +50,8 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
 
     average=False draws every run; average=True draws each variant's mean over its runs on a common grid with a
     band ("std" or "ci95", see stats.average_runs), labelled "<variant>, mean of <n> runs" (or ", 1 run"). xlim
-    zooms in (the y range follows the zoom); target draws a horizontal line at that loss; refs ({label: loss}) draws dotted reference lines (e.g. n-gram losses) that the
-    y range of a zoom does not follow.
+    zooms in (the y range follows the zoom); target draws a horizontal line at that loss; refs ({label: loss})
+    draws dotted reference lines (e.g. n-gram losses) that the y range of a zoom does not follow.
     """
     fig, ax = _figure(ax)
     variants = list(pd.unique(df["variant"]))

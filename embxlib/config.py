@@ -22,6 +22,12 @@ from .runfolder import check_folder_name
 CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "precision": ("bf16", "fp32"),
            "device": ("auto", "cpu", "cuda"), "attention": ("auto", "flex", "sdpa")}
 
+# FlexAttention on CUDA: the block size must be a multiple of every tile of torch inductor's default kernel configs
+# on sm80/sm90/sm100 (bf16 and fp32, head_dim <= 256): on sm90 bf16 head_dim 64 they are 128x128 forward and
+# (64, 128, 128, 64) backward, and a block of 64 tokens fails there with "Q and KV block size must be divisible by
+# BLOCK_M and BLOCK_N" (tests/test_gpu.py reads the configs from the installed torch for each capability)
+FLEX_CUDA_BLOCK = 128
+
 VOCAB_SIZE = 50257  # GPT-2; embedding tables keep this many rows, the LM head is padded
 EOT_TOKEN = 50256  # <|endoftext|>, also the document separator of the data shards
 
@@ -83,6 +89,7 @@ class Config:
     val_loss_every: int = 25  # validate every this many steps (and at the last step)
     target_val_loss: float = 6.0  # loss whose first crossing is reported in summary.json (medium: 2.92)
     save_every: int = 0  # also checkpoint every this many steps (0: only at the end)
+    save_checkpoint: bool = True  # write checkpoint.pt (at save_every and at the end); off: a benchmark that never resumes
     data_dir: str = "data/shakespeare"  # folder of *_train_*.bin / *_val_*.bin shards
     repeat_data: bool = False  # allow more than one pass over the training shards (off: refuse to start, as upstream)
     shuffle_data: bool = False  # visit the training batches in an order drawn from seed, new each epoch (off: upstream's)
@@ -236,10 +243,23 @@ class Config:
             bad("train_seq_len", f"train_seq_len and val_seq_len must be multiples of attn_block_size={self.attn_block_size}")
         if not 0 <= self.cooldown_frac <= 1:
             bad("cooldown_frac", "must be in [0, 1]")
+        if self.flex_on_cuda() and self.attn_block_size % FLEX_CUDA_BLOCK:
+            bad("attn_block_size", f"FlexAttention on CUDA needs a multiple of {FLEX_CUDA_BLOCK} (its kernel tiles on "
+                f"sm80/sm90/sm100): allowed {FLEX_CUDA_BLOCK}, {2 * FLEX_CUDA_BLOCK}, ...; or attention='sdpa'")
         if world_size is not None:
             self.grad_accum_steps(world_size)
             self.val_steps(world_size)
         return self
+
+    def flex_on_cuda(self) -> bool:
+        """Whether a run of this config attends with FlexAttention's CUDA kernels (device and attention resolved
+        as training resolves them)."""
+        if self.attention == "sdpa" or self.device == "cpu":
+            return False
+        if self.device == "cuda":
+            return True
+        import torch  # device auto: CUDA where there is one
+        return torch.cuda.is_available()
 
     def grad_accum_steps(self, world_size: int) -> int:
         return self._micro_steps("train_batch_tokens", "train_seq_len", world_size)

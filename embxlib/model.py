@@ -121,16 +121,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
     return y.transpose(1, 2)
 
 
-_compiled_flex = None
+def flex_kernel(device: torch.device):
+    """FlexAttention for tensors on `device`: on CUDA the compiled kernel (eager FlexAttention materialises the
+    scores), elsewhere eager FlexAttention. Inside a compiled model dynamo inlines either."""
+    return _compiled_flex if device.type == "cuda" else flex_attention
+
+
+# built once at import, as upstream's module-level flex_attention: created lazily inside a compiled forward, dynamo
+# guarded on the new global and retraced forward and backward once in warmup (tests/test_train.py counts graphs)
+_compiled_flex = torch.compile(flex_attention, dynamic=False) if flex_attention is not None else None
 
 
 def _flex(q, k, v, block_mask, scale):
-    global _compiled_flex
-    if q.is_cuda:  # eager FlexAttention materialises the scores; compiled it is a fused kernel
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    return flex_kernel(q.device)(q, k, v, block_mask=block_mask, scale=scale)
 
 
 # --- blocks -------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Optimisers and schedules of the x01 record: Muon for the block matrices, Adam for everything else.
 
-Muon's work is split across ranks as upstream: parameters of one shape are taken in chunks of world_size,
-rank r orthogonalises the r-th of each chunk and an all_gather hands the results to everyone. Every rank
-keeps every momentum buffer (cheap, elementwise), so rank 0's state alone is a complete checkpoint.
+Muon's work and state are split across ranks as upstream: parameters of one shape are taken in chunks of
+world_size, rank r updates the r-th of each chunk (and keeps only its momentum and mantissa) and all_gathers in
+flight together hand the results to everyone; a checkpoint gathers the state first (Muon.gather_state).
 """
 from __future__ import annotations
 
@@ -23,17 +23,19 @@ NS_COEFFICIENTS = (
 
 
 def orthogonalize(G: Tensor, coefficients=NS_COEFFICIENTS, eps: float = 1e-7, dtype=torch.bfloat16) -> Tensor:
-    """Approximate U V^T of G = U S V^T for the last two dims (leading dims are a batch, e.g. q/k/v/o)."""
+    """Approximate U V^T of G = U S V^T for the last two dims (leading dims are a batch, e.g. q/k/v/o), in upstream's
+    expressions: in bf16 each product and sum rounds where upstream's rounds (a fused baddbmm rounds once and
+    differs by up to ~2% of an element), and compiled, inductor fuses them as it fuses upstream's."""
     shape = G.shape
     X = G.to(dtype).reshape(-1, *shape[-2:])
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
         X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm = 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm = 1
     for a, b, c in coefficients:
         A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, fused
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+        B = b * A + c * A @ A
+        X = a * X + B @ X
     return (X.mT if tall else X).reshape(shape)
 
 
@@ -50,18 +52,73 @@ def split_master(master: Tensor, weight: Tensor, mantissa: Tensor) -> None:
     mantissa.view(torch.int16).copy_(bits.to(torch.int16))  # the low half (the cast wraps)
 
 
+def muon_update(weights: list[Tensor], mantissas: list[Tensor | None], bufs: list[Tensor], grads: list[Tensor],
+                momentum: Tensor, lr: Tensor, decay: Tensor, coefficients=NS_COEFFICIENTS, eps: float = 1e-7,
+                ns_dtype=torch.bfloat16) -> None:
+    """One Muon step of matrices of one shape, as upstream's `update`: the momentum buffer becomes
+    m buf + (1 - m) g, the Nesterov direction m buf + (1 - m) g is orthogonalised (all of them in one batched
+    Newton-Schulz: bit for bit one call per matrix, fewer calls), then the fp32 master (a bf16 weight and its 16-bit
+    mantissa, or an fp32 weight) is decayed and stepped by lr. momentum, lr and decay (lr * weight decay) are 0-d
+    fp32 tensors on the CPU, so that a compiled update never recompiles as the schedules move them and never
+    copies them to the device."""
+    directions = []
+    for buf, g in zip(bufs, grads):
+        g = g.float()
+        buf.copy_(momentum * buf + (1 - momentum) * g)
+        directions.append(momentum * buf + (1 - momentum) * g)
+    updates = orthogonalize(torch.stack(directions), coefficients, eps, ns_dtype)
+    for w, mantissa, update in zip(weights, mantissas, updates.unbind(0)):
+        _step_master(w, mantissa, update, lr, decay)
+
+
+def _step_master(w: Tensor, mantissa: Tensor | None, update: Tensor, lr: Tensor, decay: Tensor) -> None:
+    if mantissa is not None:
+        master = join_master(w, mantissa)
+        master.mul_(1 - decay).add_(update, alpha=-lr)
+        split_master(master, w, mantissa)
+    else:
+        w.mul_(1 - decay).add_(update.to(w.dtype), alpha=-lr)
+
+
+def muon_update_one(w: Tensor, mantissa: Tensor | None, buf: Tensor, g: Tensor, momentum: Tensor, lr: Tensor,
+                    decay: Tensor, coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_dtype=torch.bfloat16) -> None:
+    """muon_update of one matrix: what runs compiled (one graph per shape, as upstream's compiled `update`, whose
+    fusions it then shares; a batched graph would fuse, and so round, otherwise)."""
+    g = g.float()
+    buf.copy_(momentum * buf + (1 - momentum) * g)
+    update = orthogonalize(momentum * buf + (1 - momentum) * g, coefficients, eps, ns_dtype)
+    _step_master(w, mantissa, update, lr, decay)
+
+
+_compiled_update = None
+
+
+def compiled_muon_update(weights, mantissas, bufs, grads, *args) -> None:
+    global _compiled_update
+    if _compiled_update is None:  # (compiled on first use: importing embxlib must not start inductor)
+        _compiled_update = torch.compile(muon_update_one, dynamic=False)
+    for w, mantissa, buf, g in zip(weights, mantissas, bufs, grads):
+        _compiled_update(w, mantissa, buf, g, *args)
+
+
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then orthogonalise, then a step scaled by sqrt(max(1, rows/cols)).
+    """Nesterov momentum, then orthogonalise, then a step scaled by sqrt(max(1, rows/cols)), as upstream.
     Groups may set `wd_mul` (upstream: 2 on the MLP). lr is multiplied by the schedule from outside.
     bf16 parameters keep a uint16 mantissa buffer each: weight and buffer together are an fp32 master weight that
-    the step updates in fp32, as upstream."""
+    the step updates in fp32, as upstream.
+
+    Work and state are split across ranks as upstream's: parameters of one shape are taken in chunks of world_size,
+    rank r updates the r-th of each chunk and keeps only its momentum and mantissa (1/world_size of the state), and
+    the new weights reach every rank by all_gathers issued asynchronously and waited for once at the end.
+    `gather_state()` hands every rank all state before a checkpoint, `drop_foreign_state()` frees it again.
+    compile=True runs each shape's update as one compiled graph (upstream compiles its per-matrix update)."""
 
     def __init__(self, params, lr=0.025, momentum=0.95, weight_decay=0.01, coefficients=NS_COEFFICIENTS,
-                 eps=1e-7, ns_dtype=torch.bfloat16, rank=0, world_size=1):
+                 eps=1e-7, ns_dtype=torch.bfloat16, rank=0, world_size=1, compile=False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, wd_mul=1.0)
         super().__init__(params, defaults)
         self.coefficients, self.eps, self.ns_dtype = coefficients, eps, ns_dtype
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.compile = rank, world_size, compile
 
     def _chunks(self):
         """Per shape (largest first), the parameters in chunks of world_size: rank r updates the r-th of each."""
@@ -72,47 +129,50 @@ class Muon(torch.optim.Optimizer):
         for shape, items in sorted(by_shape.items(), key=lambda kv: -torch.Size(kv[0]).numel()):
             yield shape, [items[base: base + self.world_size] for base in range(0, len(items), self.world_size)]
 
-    def _gather(self, chunk, tensors: list[Tensor]) -> None:
-        """Every rank receives the owner's version of tensors[j] (the j-th parameter's, or its state's)."""
+    def owned(self) -> list[Tensor]:
+        """The parameters this rank updates."""
+        return [chunk[self.rank][0] for _, chunks in self._chunks() for chunk in chunks if self.rank < len(chunk)]
+
+    def _gather(self, chunk, tensors: list[Tensor]):
+        """Start handing every rank the owner's version of tensors[j] (the j-th parameter's, or its state's);
+        returns the work to wait for (None in one process)."""
         if self.world_size == 1:
-            return
+            return None
         mine = tensors[self.rank] if self.rank < len(chunk) else torch.empty_like(tensors[0])
         outs = tensors + [torch.empty_like(mine) for _ in range(self.world_size - len(chunk))]
-        dist.all_gather(outs, mine.contiguous())
+        return dist.all_gather(outs, mine.contiguous(), async_op=True)
+
+    def _state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            if p.dtype == torch.bfloat16:
+                state["mantissa"] = torch.zeros_like(p, dtype=torch.uint16)
+        return state
 
     @torch.no_grad()
     def step(self):
+        update = compiled_muon_update if self.compile else muon_update
+        works = []
         for shape, chunks in self._chunks():
-            mine = []  # this rank's matrices of this shape, with their Nesterov momenta
+            by_group: dict[int, list] = {}  # this rank's matrices of this shape, per group (lr, decay differ)
             for chunk in chunks:
-                for j, (p, group) in enumerate(chunk):
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                        if p.dtype == torch.bfloat16:
-                            state["mantissa"] = torch.zeros_like(p, dtype=torch.uint16)
-                    buf, m, g = state["momentum_buffer"], group["momentum"], p.grad.float()
-                    buf.lerp_(g, 1 - m)  # every rank keeps every buffer: rank 0's state is a checkpoint
-                    if j == self.rank:
-                        mine.append((p, group, torch.lerp(g, buf, m)))
-            if mine:  # one batched Newton-Schulz for all of them (small matrices: the calls cost more than the math)
-                updates = orthogonalize(torch.stack([u for *_, u in mine]), self.coefficients, self.eps, self.ns_dtype)
-                for (p, group, _), update in zip(mine, updates):
-                    self._apply(p, group, update)
-            for chunk in chunks:
-                self._gather(chunk, [p for p, _ in chunk])
-
-    def _apply(self, p: Tensor, group: dict, update: Tensor) -> None:
-        rows, cols = p.shape[-2:]
-        decay, scale = group["lr"] * group["weight_decay"] * group["wd_mul"], group["lr"] * max(1, rows / cols) ** 0.5
-        state = self.state[p]
-        if "mantissa" in state:
-            master = join_master(p, state["mantissa"])
-            master.mul_(1 - decay).add_(update, alpha=-scale)
-            split_master(master, p, state["mantissa"])
-        else:
-            p.mul_(1 - decay)
-            p.add_(update.to(p.dtype), alpha=-scale)
+                if self.rank < len(chunk):
+                    p, group = chunk[self.rank]
+                    by_group.setdefault(id(group), [group, []])[1].append(p)
+            for group, ps in by_group.values():
+                states = [self._state(p) for p in ps]
+                rows, cols = shape[-2:]
+                f32 = dict(dtype=torch.float32)
+                lr = torch.tensor(group["lr"] * max(1, rows / cols) ** 0.5, **f32)
+                decay = torch.tensor(group["lr"] * group["weight_decay"] * group["wd_mul"], **f32)
+                update(ps, [st.get("mantissa") for st in states], [st["momentum_buffer"] for st in states],
+                       [p.grad for p in ps], torch.tensor(group["momentum"], **f32), lr, decay,
+                       self.coefficients, self.eps, self.ns_dtype)
+            works += [self._gather(chunk, [p for p, _ in chunk]) for chunk in chunks]
+        for w in works:  # as upstream: every all_gather in flight at once, one wait at the end
+            if w is not None:
+                w.wait()
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts all state to its parameter's dtype on load; the state of a bf16 matrix is an fp32 momentum
@@ -124,17 +184,28 @@ class Muon(torch.optim.Optimizer):
         for i, p in zip(indices, params):
             for k, v in saved.get(i, {}).items():
                 self.state[p][k] = v.to(device=p.device, copy=True)
+        self.drop_foreign_state()
 
     @torch.no_grad()
     def gather_state(self) -> None:
-        """Hand every rank the owners' mantissa buffers (each rank updates only its own parameters' buffers), so
-        that rank 0's state_dict is complete. Call on every rank before saving a checkpoint."""
+        """Hand every rank the owners' momentum and mantissa buffers, so that rank 0's state_dict is complete
+        (a checkpoint). Call on every rank before saving; drop_foreign_state() after."""
+        works = []
         for _, chunks in self._chunks():
             for chunk in chunks:
-                if "mantissa" not in self.state.get(chunk[0][0], {}):
-                    continue
-                # (as bf16: 16-bit payloads NCCL and gloo both carry; all_gather only copies the bits)
-                self._gather(chunk, [self.state[p]["mantissa"].view(torch.bfloat16) for p, _ in chunk])
+                states = [self._state(p) for p, _ in chunk]
+                works.append(self._gather(chunk, [st["momentum_buffer"] for st in states]))
+                if "mantissa" in states[0]:  # as bf16: 16-bit payloads NCCL and gloo both carry (bits copied)
+                    works.append(self._gather(chunk, [st["mantissa"].view(torch.bfloat16) for st in states]))
+        for w in works:
+            if w is not None:
+                w.wait()
+
+    def drop_foreign_state(self) -> None:
+        """Keep the state of this rank's own matrices only."""
+        own = {id(p) for p in self.owned()}
+        for p in [p for p in self.state if id(p) not in own]:
+            del self.state[p]
 
 
 # --- building the optimisers --------------------------------------------------------------------
@@ -163,11 +234,12 @@ def build_optimizers(model, cfg: Config, rank: int = 0, world_size: int = 1):
     cuda = next(model.parameters()).is_cuda
     adam = torch.optim.AdamW(adam_groups(model, cfg), **adam_kw)
     # bf16 Newton-Schulz as upstream, on GPUs and under the bf16 policy; an fp32 run on a CPU keeps it in fp32 (CPUs
-    # without bf16 matrix units run bf16 ~100x slower than fp32)
+    # without bf16 matrix units run bf16 ~100x slower than fp32). The update is compiled on GPUs, as upstream's (on
+    # a CPU its compile would cost more than the tiny steps it speeds up).
     ns_dtype = torch.bfloat16 if cuda or cfg.precision == "bf16" else torch.float32
     muon = Muon(muon_groups(model, cfg), lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                 weight_decay=cfg.muon_weight_decay, ns_dtype=ns_dtype,
-                rank=rank, world_size=world_size)
+                rank=rank, world_size=world_size, compile=cfg.compile and cuda)
     covered = {id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if id(p) not in covered]
     assert not missing, f"parameters in no optimizer: {missing}"

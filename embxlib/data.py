@@ -213,12 +213,18 @@ class TokenStream:
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
         shard, pos = self._slot()
         start = pos + (self.micro * self.world_size + self.rank) * self.seq_len
-        buf = torch.from_numpy(self._tokens(shard)[start: start + self.seq_len + 1].astype(np.int64))
+        window = self._tokens(shard)[start: start + self.seq_len + 1]
         self.micro += 1
         if self.micro == self.accum:
             self.micro, self.cursor = 0, self.cursor + 1
-        x, y = buf[:-1].to(device, non_blocking=True), buf[1:].to(device, non_blocking=True)
-        return x[None].int(), y[None]
+        device = torch.device(device)
+        if device.type == "cuda":  # as upstream: uint16 from pinned memory, copied without a sync, cast on the device
+            buf = torch.empty(len(window), dtype=torch.uint16, pin_memory=True)  # (the caching host allocator keeps
+            buf.numpy()[:] = window  # a pinned buffer until its copy has run)
+            buf = buf.to(device, non_blocking=True)
+        else:
+            buf = torch.from_numpy(np.array(window))
+        return buf[:-1].to(torch.int32)[None], buf[1:].to(torch.int64)[None]
 
     def state_dict(self) -> dict:
         return dict(epoch=self.epoch, cursor=self.cursor, micro=self.micro)

@@ -59,7 +59,7 @@ def muon_update(weights: list[Tensor], mantissas: list[Tensor | None], bufs: lis
     m buf + (1 - m) g, the Nesterov direction m buf + (1 - m) g is orthogonalised (all of them in one batched
     Newton-Schulz: bit for bit one call per matrix, fewer calls), then the fp32 master (a bf16 weight and its 16-bit
     mantissa, or an fp32 weight) is decayed and stepped by lr. momentum, lr and decay (lr * weight decay) are 0-d
-    fp32 tensors on the CPU, so that a compiled update never recompiles as the schedules move them and never
+    float64 tensors on the CPU (upstream's _as_tensor_fullprec), so that a compiled update never recompiles as the schedules move them and never
     copies them to the device."""
     directions = []
     for buf, g in zip(bufs, grads):
@@ -163,11 +163,11 @@ class Muon(torch.optim.Optimizer):
             for group, ps in by_group.values():
                 states = [self._state(p) for p in ps]
                 rows, cols = shape[-2:]
-                f32 = dict(dtype=torch.float32)
-                lr = torch.tensor(group["lr"] * max(1, rows / cols) ** 0.5, **f32)
-                decay = torch.tensor(group["lr"] * group["weight_decay"] * group["wd_mul"], **f32)
+                full = torch._as_tensor_fullprec  # 0-d float64 CPU tensors, as upstream's
+                lr = full(group["lr"] * max(1, rows / cols) ** 0.5)
+                decay = full(group["lr"] * group["weight_decay"] * group["wd_mul"])
                 update(ps, [st.get("mantissa") for st in states], [st["momentum_buffer"] for st in states],
-                       [p.grad for p in ps], torch.tensor(group["momentum"], **f32), lr, decay,
+                       [p.grad for p in ps], full(group["momentum"]), lr, decay,
                        self.coefficients, self.eps, self.ns_dtype)
             works += [self._gather(chunk, [p for p, _ in chunk]) for chunk in chunks]
         for w in works:  # as upstream: every all_gather in flight at once, one wait at the end

@@ -118,23 +118,24 @@ class Dist:
                                     if device.type == "cuda" else None)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= self.world
+        self.wait(self.reduce_mean([t]))
         return t
 
-    def all_reduce_grads(self, params) -> None:
+    def reduce_mean(self, tensors) -> list:
+        """Start averaging tensors over the ranks in place (as upstream: AVG in their own dtype, bf16 gradients of
+        bf16 parameters); returns what wait() needs. Nothing blocks here."""
         if not self.on:
-            return
-        grads = [p.grad for p in params]
-        if dist.get_backend() == "nccl":  # as upstream: AVG, in the gradients' dtype (bf16 for bf16 parameters)
-            for w in [dist.all_reduce(g, op=dist.ReduceOp.AVG, async_op=True) for g in grads]:
-                w.wait()
-            return
-        works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]  # gloo has no AVG
-        for w, g in zip(works, grads):
+            return []
+        if dist.get_backend() == "nccl":
+            return [(dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True), None) for t in tensors]
+        return [(dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True), t) for t in tensors]  # gloo has no AVG
+
+    def wait(self, works) -> None:
+        """Wait for reduce_mean's works (NCCL: the current stream waits, the host does not)."""
+        for w, t in works:
             w.wait()
-            g /= self.world
+            if t is not None:
+                t /= self.world
 
     def broadcast_object(self, obj):
         if not self.on:
@@ -446,29 +447,20 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
 
     def window(step_idx) -> torch.Tensor:  # a tensor per window size: the compiled forward never recompiles for it
         w = window_blocks(step_idx, cfg)
-        if w not in windows:
-            windows[w] = torch.tensor(w, dtype=torch.int32, device=device)
+        if w not in windows:  # from pinned memory, as upstream: a pageable copy would wait for the GPU
+            pinned = torch.tensor(w, dtype=torch.int32, pin_memory=device.type == "cuda")
+            windows[w] = pinned.to(device, non_blocking=True)
         return windows[w]
 
-    def train_step(step_idx, batches):
-        total = torch.zeros((), device=device)
-        for x, y in batches:
-            loss = fwd(x, y, window(step_idx)) / accum
-            loss.backward()
-            total += loss.detach()
-        D.all_reduce_grads(model.parameters())
-        apply_schedules(step_idx, cfg, adam, muon)
-        adam.step()
-        muon.step()
-        model.zero_grad(set_to_none=True)
-        return D.all_reduce_mean(total)
+    def step_fn(step_idx, batches):
+        return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum)
 
     if cfg.warmup_steps and not args.resume:  # let torch.compile see every shape, then forget the steps
         state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict()))
         for i in range(cfg.warmup_steps):
             # contiguous like the stream's batches: a slice's strides would make the first real step recompile
             x, y = (torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len), device=device) for _ in range(2))
-            train_step(i, [(x.int(), y.long())] * accum)
+            D.wait(step_fn(i, [(x.int(), y.long())] * accum)[1])
             log.line(f"Warmup step {i + 1}/{cfg.warmup_steps}")
         model.load_state_dict(state["model"])
         adam.load_state_dict(state["adam"])
@@ -478,12 +470,14 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     N = cfg.num_iterations
     stop = N if args.max_steps is None else min(N, args.max_steps)
     tokens_per_step = cfg.train_batch_tokens
-    peaks = PeakTracker(device)
+    peaks = PeakTracker(device)  # (after warmup, as upstream: its state copy is not part of a training step)
+    lines = StepLines(log, N, device, run_dir)
     sync()
     t0 = time.perf_counter()
     while True:
         last = step == stop
         if last or step % cfg.val_loss_every == 0:
+            lines.flush()  # every train loss read (finite, or the run stops) before the clock stops
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             peaks.end("train")
@@ -497,24 +491,23 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"non-finite val_loss {val_loss} at step {step}; logs kept in {run_dir}")
             t0 = time.perf_counter()
-        if last or (cfg.save_every and step and step % cfg.save_every == 0):
+        if cfg.save_checkpoint and (last or (cfg.save_every and step and step % cfg.save_every == 0)):
+            lines.flush()
             train_ms += 1000 * (time.perf_counter() - t0)
-            muon.gather_state()  # (collective: every rank) the mantissas each rank updated for its own matrices
+            muon.gather_state()  # (collective: every rank) the momenta and mantissas each rank keeps for its own matrices
             save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg)
+            muon.drop_foreign_state()
             t0 = time.perf_counter()
         if last:
             break
         if step == args.fail_at_step and D.rank == args.fail_rank:
             raise RuntimeError(f"injected fault at step {step} on rank {D.rank} (--fail-at-step)")
         epoch = stream.epoch
-        loss = train_step(step, [stream.next(device) for _ in range(accum)]).item()
+        loss, works = step_fn(step, [stream.next(device) for _ in range(accum)])
         if stream.epoch != epoch:
             log.line(f"# data: epoch {stream.epoch + 1} of the training shards starts at step {step + 1} (repeat_data)")
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite train loss {loss} at step {step + 1}; stopping, logs kept in {run_dir}")
         step += 1
-        now_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        log.line(f"step:{step}/{N} train_loss:{loss:.4f} train_time:{now_ms:.0f}ms step_avg:{now_ms / step:.2f}ms")
+        lines.add(step, loss, works, train_ms + 1000 * (time.perf_counter() - t0), D)
 
     if stop < N:
         log.line(f"# stopped at step {stop} of {N} (--max-steps); --resume continues it")
@@ -531,13 +524,76 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     return summary
 
 
+def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, window, accum: int):
+    """One optimiser step over the micro-batches, in upstream's order and without a host sync: the gradients are
+    reduced asynchronously, Adam's first, so that Adam steps while Muon's are still in flight. Returns the
+    (rank-local until waited for) mean loss on the device and the work of its reduction (StepLines reads it)."""
+    total = torch.zeros((), device=window.device)
+    for x, y in batches:
+        loss = fwd(x, y, window) / accum
+        loss.backward()
+        total += loss.detach()
+    adam_grads = D.reduce_mean([p.grad for g in adam.param_groups for p in g["params"]])
+    muon_grads = D.reduce_mean([p.grad for g in muon.param_groups for p in g["params"]])
+    loss_mean = D.reduce_mean([total])
+    apply_schedules(step_idx, cfg, adam, muon)
+    D.wait(adam_grads)
+    adam.step()
+    D.wait(muon_grads)
+    muon.step()
+    model.zero_grad(set_to_none=True)
+    return total, loss_mean
+
+
+class StepLines:
+    """The per-step lines `step:N/M train_loss:X train_time:Tms step_avg:Sms` without a host sync in the loop:
+    each step's loss is copied to host memory asynchronously and its line written once the copy has landed (on a
+    GPU a step or so later, on a CPU at once); train_time is the host's clock when the step was issued, as
+    upstream's step lines. flush() waits for the rest (at validation and checkpoints) and stops the run at a
+    non-finite loss, naming its step."""
+
+    def __init__(self, log, N: int, device: torch.device, run_dir):
+        self.log, self.N, self.cuda, self.run_dir = log, N, device.type == "cuda", run_dir
+        self.pending: list = []
+
+    def add(self, step: int, loss: torch.Tensor, works, now_ms: float, D: Dist) -> None:
+        D.wait(works)  # (NCCL: a stream wait; the host goes on)
+        host = torch.empty((), dtype=loss.dtype, pin_memory=self.cuda)
+        host.copy_(loss, non_blocking=self.cuda)
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.pending.append((step, host, done, now_ms))
+        self.write(wait=False)
+
+    def flush(self) -> None:
+        self.write(wait=True)
+
+    def write(self, wait: bool) -> None:
+        while self.pending:
+            step, host, done, ms = self.pending[0]
+            if done is not None and not done.query():
+                if not wait:
+                    return
+                done.synchronize()
+            self.pending.pop(0)
+            loss = float(host.numpy())  # host memory the copy has filled: no device sync
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite train loss {loss} at step {step}; stopping, logs kept in "
+                                         f"{self.run_dir}")
+            self.log.line(f"step:{step}/{self.N} train_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms")
+
+
 class PeakTracker:
     """Peak CUDA memory allocated during training steps and during validations, kept apart (validation holds the
-    long val_seq_len sequence, training the backward pass)."""
+    long val_seq_len sequence, training the backward pass); counted from its creation (after warmup)."""
 
     def __init__(self, device: torch.device):
         self.on = device.type == "cuda"
         self.peak = {"train": 0, "val": 0}
+        if self.on:
+            torch.cuda.reset_peak_memory_stats()
 
     def end(self, phase: str) -> None:
         if self.on:

@@ -84,8 +84,8 @@ def test_muon_step_equals_the_upstream_update(compiled):
         for i, (w, g, (mant, buf)) in enumerate(zip(theirs, grads, state)):
             wd_mul = 2.0 if i >= 5 else 1.0
             scale = max(1, w.size(-2) / w.size(-1)) ** 0.5
-            reference(w.view(torch.uint16), mant, buf, g, torch.tensor(m), torch.tensor(lr * scale),
-                      torch.tensor(lr * 0.1 * wd_mul))
+            full = torch._as_tensor_fullprec
+            reference(w.view(torch.uint16), mant, buf, g, full(m), full(lr * scale), full(lr * 0.1 * wd_mul))
     tol = dict(atol=0, rtol=0)
     for p, w, (mant, buf) in zip(ours, theirs, state):
         st = opt.state[p]

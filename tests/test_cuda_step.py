@@ -1,0 +1,34 @@
+"""The CUDA step's structure, proven on CPU (issue 17): what upstream's training step does and does not do.
+
+With gloo at 2, 4 and 8 ranks, the trainer's own step function (train.train_step + StepLines) is run under a
+dispatch mode that counts every read of a tensor's value into Python (a host-device sync on a GPU) and with every
+torch.distributed collective counted by how it is issued: a training step reads nothing back and blocks in no
+collective, and Muon keeps the momentum and mantissa of the rank's own matrices only."""
+import json
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, ROOT, python_env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_a_training_step_syncs_nothing_and_muon_state_is_split(corpus, tmp_path, world):
+    r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                        str(ROOT / "tests" / "step_probe.py"), str(corpus), str(tmp_path)],
+                       capture_output=True, text=True, env=python_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(world)]
+    for res in ranks:
+        step = res["step1"]  # (step 0 creates the optimiser state)
+        assert step["host_reads"] == [], step["host_reads"]
+        assert step["blocking"] == [], step["blocking"]
+        assert step["issued"] > 0  # gradients, loss and Muon's all_gathers, all asynchronous
+        # each rank holds the fp32 momentum + uint16 mantissa of its own matrices, nothing else
+        assert res["muon_state_bytes"] == res["owned_bytes"]
+    total = sum(r["muon_state_bytes"] for r in ranks)
+    owned = sum(r["owned"] for r in ranks)
+    assert owned == 17  # tiny: 5 attention tensors (layer 2 has none) + 6 fc + 6 proj, each on one rank
+    assert max(r["muon_state_bytes"] for r in ranks) <= total / world * 2  # about 1/world each (chunks of world)
+    assert ranks[0]["lines"] and ranks[0]["lines"][0].startswith("step:1/")

@@ -1,6 +1,6 @@
 """The GPU check: one prepared command for a machine with one GPU and no internet.
 
-    PYTHONPATH=. python3 -m embxlib.gpucheck --out runs/bench      # ~6 min on one H100/H200
+    PYTHONPATH=. python3 -m embxlib.gpucheck --out runs/bench      # <= 6 min on one H100/H200
     python -m embxlib.gpucheck --cpu --out /tmp/check              # the same script on a CPU at tiny size (tests)
 
 Needs the built corpus in data/shakespeare (carry it to the GPU machine) and nothing else outside this tree.
@@ -8,10 +8,13 @@ Needs the built corpus in data/shakespeare (carry it to the GPU machine) and not
    block mask of the model) against fp32 SDPA with the same keys; the compiled model against the eager one;
    HeadLoss against the compiled autograd graph of head + soft-cap + cross-entropy; compiled_autograd (Record 8's
    flag) with FlexAttention.
-2. medium_x01 on this one GPU through train.main: gradient accumulation 8, the real schedule of 5690 steps for
-   --steps steps, the bundled corpus (repeated: it holds under 3 steps), a validation at the full val_seq_len
-   (262,144 tokens) before and after: ms/step, tokens/s, MFU, peak memory of training and of validation, and
-   the fake-tensor estimate of --dry-run beside them.
+2. medium_x01 on this one GPU through train.main: gradient accumulation 8, 3 warmup steps, the real schedule of
+   5690 steps for --steps steps, the bundled corpus (repeated: it holds under 3 steps), a validation at the full
+   val_seq_len (262,144 tokens) before and after, no checkpoint: ms/step over steps 3..N against upstream's own
+   x01 log over the same steps (tokens/s per GPU), MFU, peak memory of training (after warmup) and validation.
+   (The fake-tensor memory estimate is CPU work: `python -m embxlib.train --preset medium_x01 --dry-run`.)
+Every configuration it runs on CUDA is in plan(); tests/test_gpu.py holds them against the FlexAttention kernel
+tiles of sm80/sm90/sm100 and traces the small ones through the CUDA attention branch on the CPU.
 Writes <out>/gpu-<device>.json and prints it.
 """
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -30,11 +32,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import EOT_TOKEN, medium_x01, tiny
+from .config import EOT_TOKEN, Config, medium_x01, tiny
 from .data import read_shard, shard_files, write_shard
 from .model import GPT, HeadLoss, SoftCap, attend, dense_mask, document_ids, flex_block_mask
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, SXM
+SMALL = dict(train_seq_len=1024, window_max=512, attn_block_size=128)  # FlexAttention's CUDA tiles need 128 blocks
+RUN_FLAGS = ["--no-coordinate-descent-tuning", "--warmup-steps", "3", "--no-save-checkpoint"]
+UPSTREAM_X01_LOG = (Path(__file__).resolve().parents[1] / "published" / "modded-nanogpt-logs" /
+                    "2025-09-11_GPT2MediumX01" / "000_592014ec-6781-4f59-b274-c4af68ccfe75.txt")
+
+
+def plan(device: str = "cuda") -> dict[str, Config]:
+    """Every configuration the check runs through the model on `device`: the small compiled ones and the run."""
+    out = {"compiled_model": tiny(**SMALL, device=device), "compiled_autograd": tiny(**SMALL, device=device)}
+    if device == "cuda":
+        out["run"] = medium_x01(coordinate_descent_tuning=False, warmup_steps=3, save_checkpoint=False, device="cuda")
+    return out
 
 
 def _check(name: str, fn) -> dict:
@@ -79,7 +93,7 @@ def check_flex_attention(device: str) -> dict:
 
 def check_compiled_model(device: str) -> dict:
     """A tiny model with the GPU code path (FlexAttention on CUDA, bf16 policy), eager vs torch.compile."""
-    cfg = tiny(train_seq_len=1024, window_max=512, device=device)
+    cfg = plan(device)["compiled_model"]
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     with torch.no_grad():
@@ -104,7 +118,7 @@ def check_compiled_model(device: str) -> dict:
 def check_head_loss(device: str) -> dict:
     """HeadLoss (chunked, gradient in the same pass) vs the compiled autograd graph that CUDA training uses."""
     g = torch.Generator().manual_seed(0)
-    n = 4096 if device == "cuda" else 512
+    n = 4096 if device == "cuda" else 64  # (CPUs without bf16 matrix units run this head 7x slower than fp32)
     x = torch.randn(n, 1024, generator=g).to(device, torch.bfloat16).requires_grad_()
     w = (torch.randn(50304, 1024, generator=g) * 0.05).to(device).requires_grad_()
     y = torch.randint(0, 50257, (n,), generator=g).to(device)
@@ -126,7 +140,7 @@ def check_compiled_autograd(device: str) -> dict:
     """Record 8 (preset medium) sets torch._dynamo.config.compiled_autograd; upstream dropped it in #119 because
     FlexAttention failed under it. Does a compiled step of the model work with it in this torch?"""
     import torch._dynamo
-    cfg = tiny(train_seq_len=1024, window_max=512, device=device)
+    cfg = plan(device)["compiled_autograd"]
     model = GPT(cfg).to(device)
     tok = torch.randint(0, cfg.vocab_size, (1, 1025), device=device)
     fwd = torch.compile(model, dynamic=False)
@@ -158,10 +172,11 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
     """A short run at full size through train.main; returns its timings and memory."""
     from . import train
     if device == "cuda":
-        base, name = ["--preset", "medium_x01", "--no-coordinate-descent-tuning"], "medium_x01"
+        base, name = ["--preset", "medium_x01", *RUN_FLAGS], "medium_x01"
         val_tokens = 4 * 262144
     else:
-        base, name = ["--preset", "tiny", "--device", "cpu", "--no-compile", "--warmup-steps", "0"], "tiny"
+        base, name = ["--preset", "tiny", "--device", "cpu", "--no-compile", "--warmup-steps", "0",
+                      "--no-save-checkpoint"], "tiny"
         val_tokens = 4 * 1024
     run_dir = out / f"gpucheck-run-{time.strftime('%Y%m%d-%H%M%S')}"
     corpus = corpus_dir(Path(data), Path(tempfile.mkdtemp()), val_tokens)
@@ -171,10 +186,9 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
     wall = time.perf_counter() - t0
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = json.loads((run_dir / "config.json").read_text())
-    times = [int(m[1]) for m in re.finditer(r"^step:\d+/\d+ train_loss:\S+ train_time:(\d+)ms", (run_dir / "log.txt")
-                                            .read_text(), re.M)]
-    per_step = np.diff(times)[2:] if len(times) > 4 else np.diff(times)  # after the first steps settle
-    ms = float(statistics.median(per_step)) if len(per_step) else None
+    times = step_times(run_dir / "log.txt")
+    first = 3 if steps > 3 else 1  # (the first steps after warmup still settle)
+    ms = ms_per_step(times, first=first)
     tokens = cfg["train_batch_tokens"]
     res = dict(preset=name, steps=summary["steps"], num_iterations=summary["num_iterations"],
                grad_accum_steps=summary["grad_accum_steps"], ms_per_step=ms,
@@ -190,9 +204,27 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
         dense = count_params(c) - c.vocab_size * c.model_dim * (1 + c.extra_embeds + c.num_ve_tables)  # no gathers
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
         res["mfu"] = 6 * dense * tokens / (ms / 1000) / peak if peak else None  # matmul FLOPs only: a lower bound
-        res["upstream_8xH100_ms_per_step"] = 247.37  # x01 record log, 5690 steps in 1407.5 s
+        up = ms_per_step(step_times(UPSTREAM_X01_LOG), first=first, last=max(times))
+        res["upstream_8xH100_ms_per_step_same_steps"] = up
+        res["tokens_per_s_per_gpu"] = tokens / ms * 1000
+        res["upstream_tokens_per_s_per_gpu"] = tokens / 8 / up * 1000 if up else None
+        res["vs_upstream_per_gpu"] = res["tokens_per_s_per_gpu"] / res["upstream_tokens_per_s_per_gpu"] if up else None
     res["ok"] = bool(ms) and np.isfinite(summary["final_val_loss"])
     return res
+
+
+def step_times(log: Path) -> dict[int, int]:
+    """train_time (ms) at each step line of one of our logs or an upstream log (theirs have no train_loss)."""
+    return {0: 0} | {int(m[1]): int(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ (?:train_loss:\S+ )?train_time:(\d+)ms",
+                                                       Path(log).read_text(), re.M)}
+
+
+def ms_per_step(times: dict[int, int], first: int = 3, last: int | None = None) -> float | None:
+    """Mean ms per step over steps first..last (the first steps after warmup still settle)."""
+    last = max(times) if last is None and times else last
+    if not times or last is None or first - 1 not in times or last not in times or last < first:
+        return None
+    return (times[last] - times[first - 1]) / (last - first + 1)
 
 
 def main(argv=None) -> int:
@@ -219,10 +251,6 @@ def main(argv=None) -> int:
             result["checks"].append(_check(check.__name__[6:], lambda: check(device)))
     result["run"] = _check("run_" + ("medium_x01" if device == "cuda" else "tiny"),
                            lambda: run_medium(device, args.steps, Path(args.data), out))
-    from .memory import estimate
-    cfg = medium_x01(compile=True) if device == "cuda" else tiny()
-    est = estimate(cfg, device)
-    result["estimate_mib"] = {k: v["total"] // 2**20 for k, v in est.items()}
     path = out / f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

@@ -258,6 +258,7 @@ def test_resume_takes_no_config_file(tmp_path, capsys):
     (["--name", "a" * 300], "(300 bytes): at most 100 bytes"),
     (["--name", "a\nb"], "name='a\\nb': must be one plain folder name"),
     (["--name", "a\x1bb"], "name='a\\x1bb': must be one plain folder name"),
+    (["--run-dir", "runs/" + "r" * 300], "has 300 bytes; at most 255"),
 ], ids=str)
 def test_bad_values_are_one_line_before_anything(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -256,7 +256,12 @@ class RunLog:
     def line(self, s: str, console: bool = True) -> None:
         if not self.active:
             return
-        self.log.write(s + "\n")
+        try:
+            self.log.write(s + "\n")
+        except OSError as e:  # a full disk: say which file it refused
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(self.dir / "log.txt")) from e
+            raise
         if console:
             print(s, flush=True)
 
@@ -320,7 +325,10 @@ class RunLog:
 
     def close(self):
         if self.log:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError:  # its last lines could not be written (a full disk): the error said so already
+                pass
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -390,3 +390,45 @@ def test_launch_command_line_errors_are_one_line(corpus, tmp_path, capsys):
         holder.wait()
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.count("\n") == 1 and f"{sweep_dir} is in use by pid {holder.pid}" in err
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_run_fails_it_and_the_summary_says_so(corpus, tmp_path):
+    """A real full disk (a 4 MiB tmpfs, filled while the run trains): the error names the file it refused, and
+    summary.json, whose .tmp finds no free block, is rewritten in place to `failed`, saying so on stderr."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        run = disk / "run"
+        proc = subprocess.Popen([PYTHON, "-m", "embxlib.train", *FAST, "--precision", "fp32", "--data-dir",
+                                 str(corpus), "--run-dir", str(run), "--num-iterations", "400", "--val-loss-every",
+                                 "1"], env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(file_has(run / "metrics.jsonl", '"step": 1,'), 240, "the first validations")
+            fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+            for size in (2**16, 2**12):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError as e:
+                    assert e.errno == 28
+            os.close(fd)
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        summary = read_json(run / "summary.json")
+        leftovers = sorted(p.name for p in run.glob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+    assert proc.returncode == 1, err[-2000:]
+    assert summary["status"] == "failed", summary
+    assert re.fullmatch(rf"OSError: \[Errno 28\] No space left on device: '{run}/(metrics\.jsonl|log\.txt)'",
+                        summary["error"]), summary["error"]
+    assert f"error: could not write {run / 'summary.json'} whole (" in err
+    assert "rewrote it in place: status failed" in err
+    assert leftovers == []

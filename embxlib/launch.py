@@ -538,7 +538,22 @@ def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", 
     s = json.loads((run_dir / "summary.json").read_text())
     print(f"done in {_clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
           f"config.json, log.txt, metrics.jsonl, summary.json, checkpoint.pt, console.log, loss.png, notebook.ipynb")
+    other = trained_with(run_dir)
+    if other and other != sys.executable:
+        print(f"note: the notebook's kernel (python3) trained with {other}, not this Python ({sys.executable}): "
+              f"its kernelspec points elsewhere (make kernel registers .venv's)", flush=True)
     return run_dir
+
+
+def trained_with(run_dir: Path) -> str | None:
+    """The Python that trained the run, as its log.txt records it (None for a log without that line)."""
+    try:
+        with open(Path(run_dir) / "log.txt", errors="replace") as f:
+            head = f.read(16384)
+    except OSError:
+        return None
+    found = re.search(r"^python: (.+?); torch: ", head, re.M)
+    return found[1] if found else None
 
 
 def demo(runs_root: str = "runs/demo") -> Path:

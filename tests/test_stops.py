@@ -249,3 +249,11 @@ def test_the_log_names_the_interpreter_and_the_torch_build():
     found = [s for s in lines if s.startswith("python: ")]
     assert found == [f"python: {os.sys.executable}; torch: {torch.__version__} (git {torch.version.git_version}, "
                      f"debug {torch.version.debug}) from {Path(torch.__file__).parent}"]
+
+
+def test_the_launcher_reads_which_python_trained(tmp_path):
+    from embxlib import launch
+    lines = train.header_lines(train.Config(), ["x"], 1, 1, torch.device("cpu"), "abc (clean)")
+    (tmp_path / "log.txt").write_text("\n".join(lines) + "\nstep:0/4 val_loss:10.8 train_time:0ms step_avg:0ms\n")
+    assert launch.trained_with(tmp_path) == os.sys.executable
+    assert launch.trained_with(tmp_path / "missing") is None

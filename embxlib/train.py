@@ -25,6 +25,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import ctypes  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pickle  # noqa: E402
@@ -323,6 +324,24 @@ class RunLog:
             except OSError as e:
                 raise OSError(e.errno, e.strerror, str(path)) from e
 
+    def fatal_errors_to_log(self):
+        """A fatal signal no Python code can handle (SIGBUS, SIGSEGV, SIGFPE, SIGABRT, SIGILL) ends log.txt with
+        faulthandler's report and the Python traceback, instead of leaving it without a word. Returns the undo."""
+        if not self.active:
+            return lambda: None
+        was = faulthandler.is_enabled()
+        self.log.flush()
+        faulthandler.enable(file=self.log, all_threads=False)
+
+        def undo():
+            faulthandler.disable()
+            if was:  # as it was: to stderr
+                try:
+                    faulthandler.enable(file=sys.__stderr__)
+                except (AttributeError, ValueError, OSError):
+                    pass
+        return undo
+
     def close(self):
         if self.log:
             try:
@@ -515,6 +534,7 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
     run_dir = Path(args.resume) if resume else D.broadcast_object(new_run_dir(args, cfg) if D.rank == 0 else None)
     lock = hold_run_dir(run_dir) if D.rank == 0 else None
     log = RunLog(run_dir, D.rank == 0)
+    crash_to_log = log.fatal_errors_to_log()  # SIGBUS (a shard truncated under its memmap), SIGSEGV: in log.txt
     if resume:
         log.resume()
     summary = dict(status="running", run_dir=str(run_dir), name=cfg.name, preset=cfg.preset, seed=cfg.seed)
@@ -558,6 +578,7 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
         try:
             write_summary_or_say_so(log, summary)
         finally:
+            crash_to_log()
             log.close()
             if lock is not None:
                 lock.release()

@@ -257,3 +257,22 @@ def test_the_launcher_reads_which_python_trained(tmp_path):
     (tmp_path / "log.txt").write_text("\n".join(lines) + "\nstep:0/4 val_loss:10.8 train_time:0ms step_avg:0ms\n")
     assert launch.trained_with(tmp_path) == os.sys.executable
     assert launch.trained_with(tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_a_shard_truncated_under_a_running_trainer_ends_its_log_with_the_fault(corpus, tmp_path):
+    """SIGBUS (the memmapped shard shrank) cannot be handled in Python: log.txt ends with faulthandler's report."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PYTHON, "-m", "embxlib.train", *FAST32, "--data-dir", str(data), "--run-dir", str(run),
+                             "--num-iterations", "400", "--val-loss-every", "1000"], env=python_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_line(run, "step:2/400 train_loss", proc)
+    for shard in data.glob("*_train_*.bin"):
+        os.truncate(shard, 1024)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == -signal.SIGBUS, out[-2000:]
+    log = (run / "log.txt").read_text()
+    assert "Fatal Python error: Bus error" in log and "data.py" in log, log[-2000:]

@@ -31,7 +31,7 @@ from pathlib import Path
 from . import ROOT, at_root
 from .config import Config, add_config_args, build_config, coerce_value
 from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, end_torn_line,
-                        read_json, write_atomically, write_text_atomically)
+                        read_json, write_atomically, write_json_atomically, write_text_atomically)
 from .train import CHECKPOINT, config_differences, is_new_run_dir, peek_checkpoint
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
@@ -307,9 +307,27 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
         bar.close()
         _kill(proc)
     if rc != 0:
+        _record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}")
         raise LaunchError(f"training failed (exit code {rc}): {causes[0] if causes else 'no error line in its output'}"
                           f"; full output in {run_dir / 'console.log'}; errors found there:\n" + "\n".join(causes)
                           + "\n...\nlast lines:\n" + "\n".join(list(tail)[-20:]))
+
+
+def _record_death(run_dir: Path, cause: str) -> None:
+    """A trainer killed by a signal no code can handle (SIGKILL from the OOM killer, SIGBUS) leaves its summary at
+    running; the launcher, which holds the folder's lock, records what torchrun saw."""
+    s = read_json(run_dir / "summary.json")
+    if not s:
+        return
+    part = s if s.get("status") == "running" else s.get("resume") if (s.get("resume") or {}).get("status") == \
+        "running" else None
+    if part is None:
+        return
+    part.update(status="failed", error=f"{cause} (recorded by the launcher: the trainer could not)")
+    try:
+        write_json_atomically(run_dir / "summary.json", s)
+    except OSError as e:
+        print(f"error: could not record the failure in {run_dir / 'summary.json'}: {e}", file=sys.stderr, flush=True)
 
 
 # the lines that say why a run failed: our trainer's own reports, argparse's and main()'s "error:", the last line

@@ -432,3 +432,26 @@ def test_a_disk_that_fills_mid_run_fails_it_and_the_summary_says_so(corpus, tmp_
     assert f"error: could not write {run / 'summary.json'} whole (" in err
     assert "rewrote it in place: status failed" in err
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_outright_under_the_launcher_is_recorded_by_it(corpus, tmp_path):
+    """SIGKILL (the OOM killer) leaves the trainer no moment to write; the launcher records torchrun's report."""
+    run = tmp_path / "runs" / "r"
+    proc = launcher_process(corpus, tmp_path / "runs", "r", num_iterations=400, val_loss_every=100)
+    try:
+        wait_for(file_has(run / "log.txt", "step:2/400 train_loss"), 240, "training to start")
+        trainer = next(p for p in processes_mentioning(str(run)) if "embxlib.train" in
+                       Path(f"/proc/{p}/cmdline").read_bytes().decode() and "torch.distributed.run" not in
+                       Path(f"/proc/{p}/cmdline").read_bytes().decode())
+        os.kill(trainer, signal.SIGKILL)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0 and "LaunchError" in out, out[-2000:]
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "failed" and "SIGKILL" in summary["error"], summary
+    assert "recorded by the launcher" in summary["error"]
+    assert not (run / RUN_LOCK).exists()

@@ -150,7 +150,7 @@ def test_torchrun_stopped_by_sigterm_or_a_dead_peer_leaves_a_true_record(corpus,
     proc = start_torchrun(corpus, stopped)
     wait_for_line(stopped, "step:3/6 train_loss", proc)
     os.kill(proc.pid, signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
+    proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert_stopped_cleanly(stopped, "SIGTERM", checkpoint_step=2)
     proc = start_torchrun(corpus, stopped, "--resume", str(stopped))
@@ -159,13 +159,14 @@ def test_torchrun_stopped_by_sigterm_or_a_dead_peer_leaves_a_true_record(corpus,
 
     proc = start_torchrun(corpus, peer)
     wait_for_line(peer, "step:3/6 train_loss", proc)
-    rank1 = next(p for p in ranks_of(proc) if "LOCAL_RANK=1" in Path(f"/proc/{p}/environ").read_bytes().decode(errors="replace")
-                 .replace("\0", "\n").split("\n"))
+    rank1 = next(p for p in ranks_of(proc)
+                 if "LOCAL_RANK=1" in Path(f"/proc/{p}/environ").read_bytes().decode(errors="replace").split("\0"))
     os.kill(rank1, signal.SIGKILL)
     out = proc.communicate(timeout=120)[0]
     summary = read_json(peer / "summary.json")
     assert summary["status"] in ("stopped", "failed") and summary.get("error"), (summary, out[-3000:])
-    assert "# STOPPED on rank 0" in (peer / "log.txt").read_text() or "# FAILED on rank 0" in (peer / "log.txt").read_text()
+    log = (peer / "log.txt").read_text()
+    assert "# STOPPED on rank 0" in log or "# FAILED on rank 0" in log
     assert not (peer / "run.lock").exists() and list(peer.glob("*.tmp")) == []
 
 

@@ -6,7 +6,6 @@ runs/analysis/<date>-<time>/ (ignored by git): committed folders such as images/
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from datetime import datetime
@@ -68,7 +67,7 @@ def run_target(val: pd.DataFrame) -> float:
         config = Path(source) / "config.json"
         if not config.is_file():
             return MEDIUM_TARGET
-        targets.add(json.loads(config.read_text()).get("target_val_loss"))
+        targets.add(runs.read_json_file(config).get("target_val_loss"))  # a malformed one: a warning naming it
     return targets.pop() if len(targets) == 1 and None not in targets else MEDIUM_TARGET
 
 

@@ -28,6 +28,9 @@ CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "precision": ("bf1
 # BLOCK_M and BLOCK_N" (tests/test_gpu.py reads the configs from the installed torch for each capability)
 FLEX_CUDA_BLOCK = 128
 
+MAX_SEED = 2**63 - 1
+MAX_VARIANT_NAME = 100  # bytes: the run folder is <date>-<time>_<name>_s<seed>, at most 255 bytes
+
 VOCAB_SIZE = 50257  # GPT-2; embedding tables keep this many rows, the LM head is padded
 EOT_TOKEN = 50256  # <|endoftext|>, also the document separator of the data shards
 
@@ -190,7 +193,23 @@ class Config:
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
 
-        check_folder_name("name", self.name)  # part of the run folder's name
+        check_folder_name("name", self.name, MAX_VARIANT_NAME)  # part of the run folder's name
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"must be an integer in 0..{MAX_SEED} (2**63-1; torch.manual_seed's range)")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f.name, "must be a finite number")
+        for name in ("embed_lr", "head_lr", "scalar_lr", "token_lambda_lr", "muon_lr", "muon_weight_decay", "adam_eps"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0 (torch's optimizers refuse a negative value)")
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "must be in [0, 1)")
+        for name in ("logit_softcap", "attn_scale"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be > 0" + (" (the cap c z / sqrt(z^2 + c^2) is 0/0 at c = 0)"
+                                           if name == "logit_softcap" else ""))
         for name in ("num_layers", "model_dim", "num_heads", "head_dim", "mlp_dim", "num_iterations", "train_batch_tokens",
                      "train_seq_len", "val_tokens", "val_seq_len", "val_loss_every", "window_max", "attn_block_size",
                      "vocab_size", "ve_span"):

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from datetime import datetime
@@ -29,9 +30,9 @@ from pathlib import Path
 
 from . import ROOT, at_root
 from .config import Config, add_config_args, build_config, coerce_value
-from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, check_folder_name, end_torn_line, read_json,
-                        write_atomically, write_text_atomically)
-from .train import is_new_run_dir
+from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, end_torn_line,
+                        read_json, write_atomically, write_json_atomically, write_text_atomically)
+from .train import CHECKPOINT, config_differences, is_new_run_dir, peek_checkpoint
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
 STEP = re.compile(r"step:(\d+)/(\d+)(?: val_loss:([\d.]+|nan))?")
@@ -129,6 +130,23 @@ def run_state(run_dir: Path) -> str:
     return "resumable" if (run_dir / "checkpoint.pt").exists() else "broken"
 
 
+def reuse_problem(run_dir: Path, cfg: Config) -> str:
+    """'' when run_dir holds nothing or a run of exactly cfg; else what differs, from its config.json and its
+    checkpoint's config: a folder reused with another config would silently continue (or report) another run."""
+    if is_new_run_dir(run_dir):
+        return ""
+    wanted = cfg.to_dict()
+    saved = read_json(run_dir / "config.json")
+    diff = config_differences(saved, wanted, "in its config.json") if saved is not None else []
+    ck = peek_checkpoint(run_dir / CHECKPOINT) if not diff and (run_dir / CHECKPOINT).exists() else None
+    if ck and ck.get("config"):
+        diff = config_differences(ck["config"], wanted, f"in its {CHECKPOINT}")
+    if not diff:
+        return ""
+    return (f"{run_dir} holds a run with another config: {'; '.join(diff)}; a folder is reused only for the same "
+            f"config: pick another run_name (or sweep_dir), or move that folder away")
+
+
 # --- the subprocess --------------------------------------------------------------------------------
 
 def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool, config=None) -> list[str]:
@@ -177,6 +195,9 @@ def launch(params: dict, echo=print, config=None, **settings) -> Path:
     world = s["nproc_per_node"] * s["nnodes"]
     cfg = resolve(params, world, config)
     run_dir = run_dir_for(cfg, s)
+    problem = reuse_problem(run_dir, cfg)
+    if problem:
+        raise ValueError(f"run_name={run_dir.name!r}: {problem}")
     if run_state(run_dir) == "finished":
         echo(f"{run_dir}: already finished, nothing to train")
         return run_dir
@@ -184,6 +205,9 @@ def launch(params: dict, echo=print, config=None, **settings) -> Path:
     # held until torchrun has ended: one launcher per folder (node 0's: the other nodes share its folder)
     with FolderLock(run_dir, RUN_LOCK, note=echo) if s["node_rank"] == 0 else contextlib.nullcontext():
         state = run_state(run_dir)
+        problem = reuse_problem(run_dir, cfg)  # again: another process may have started it meanwhile
+        if problem:
+            raise ValueError(f"run_name={run_dir.name!r}: {problem}")
         if state == "finished":
             echo(f"{run_dir}: already finished, nothing to train")
             return run_dir
@@ -198,8 +222,31 @@ def launch(params: dict, echo=print, config=None, **settings) -> Path:
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
                "EMBXLIB_LAUNCHER_PID": str(os.getpid())}  # the trainers stop when this process is gone
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        _stream(cmd, env, run_dir, cfg, s["progress"], echo)
+        with signals_interrupt():  # SIGTERM/SIGHUP of this process stop the trainers as Ctrl-C does
+            _stream(cmd, env, run_dir, cfg, s["progress"], echo)
     return run_dir
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt here (main thread only; an ignored signal stays ignored), so a
+    launcher stopped by kill, Slurm or a closed terminal stops its torchrun tree (which records it) and releases
+    its locks, instead of vanishing and leaving the trainers to notice."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 PLAIN_EVERY_S = 30  # with progress=False: a step line at least this often besides the validation lines
@@ -260,9 +307,27 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
         bar.close()
         _kill(proc)
     if rc != 0:
+        _record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}")
         raise LaunchError(f"training failed (exit code {rc}): {causes[0] if causes else 'no error line in its output'}"
                           f"; full output in {run_dir / 'console.log'}; errors found there:\n" + "\n".join(causes)
                           + "\n...\nlast lines:\n" + "\n".join(list(tail)[-20:]))
+
+
+def _record_death(run_dir: Path, cause: str) -> None:
+    """A trainer killed by a signal no code can handle (SIGKILL from the OOM killer, SIGBUS) leaves its summary at
+    running; the launcher, which holds the folder's lock, records what torchrun saw."""
+    s = read_json(run_dir / "summary.json")
+    if not s:
+        return
+    part = s if s.get("status") == "running" else s.get("resume") if (s.get("resume") or {}).get("status") == \
+        "running" else None
+    if part is None:
+        return
+    part.update(status="failed", error=f"{cause} (recorded by the launcher: the trainer could not)")
+    try:
+        write_json_atomically(run_dir / "summary.json", s)
+    except OSError as e:
+        print(f"error: could not record the failure in {run_dir / 'summary.json'}: {e}", file=sys.stderr, flush=True)
 
 
 # the lines that say why a run failed: our trainer's own reports, argparse's and main()'s "error:", the last line
@@ -388,19 +453,36 @@ def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="run
         raise ValueError(f"nproc_per_node={nproc_per_node!r}: must be an integer >= 1")
     runs = sweep_runs(grid, seeds, base)
     for name, p in runs:
-        resolve(p, nproc_per_node, config)
+        problem = reuse_problem(at_root(sweep_dir) / name, resolve(p, nproc_per_node, config))
+        if problem:
+            raise ValueError(f"run {name!r}: {problem}")
     return runs
+
+
+class SweepFailed(LaunchError):
+    """Some runs of a sweep failed; the others ran. table: the summary table, as written to summary.csv."""
+
+    def __init__(self, message: str, table):
+        super().__init__(message)
+        self.table = table
+
+
+def _first_line(e: BaseException) -> str:
+    text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
           echo=print, config=None) -> "pd.DataFrame":
     """Run every (variant, seed) through nbs/run_variant.ipynb with papermill, one after another, each into
     <sweep_dir>/<name>/, starting from the config file `config` if given. Finished runs are skipped, interrupted
-    ones resumed from their checkpoints. Writes and returns the summary table <sweep_dir>/summary.csv. One sweep at
-    a time holds sweep_dir."""
+    ones resumed from their checkpoints. A run that fails is recorded (status and error in summary.csv) and the
+    sweep goes on; at the end it raises SweepFailed naming the failed runs. Writes and returns the summary table
+    <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir."""
     runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config)
     sweep_dir = at_root(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    errors: dict[str, str] = {}
     with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
         for i, (name, p) in enumerate(runs):
             run_dir = sweep_dir / name
@@ -417,25 +499,39 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
             echo(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'}")
             out = run_dir / (f"notebook-resumed-{datetime.now():%Y%m%d-%H%M%S}.ipynb" if state == "resumable"
                              else "notebook.ipynb")
-            run_notebook({**p, "config": config and str(at_root(config)), "run_name": name,
-                          "runs_root": str(sweep_dir), "resume": True, "nproc_per_node": nproc_per_node,
-                          "progress": False}, out)
-        table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"])
+            try:
+                run_notebook({**p, "config": config and str(at_root(config)), "run_name": name,
+                              "runs_root": str(sweep_dir), "resume": True, "nproc_per_node": nproc_per_node,
+                              "progress": False}, out)
+            except Exception as e:  # noqa: BLE001 (recorded, and raised at the end; Ctrl-C still stops the sweep)
+                errors[name] = _first_line(e)
+                echo(f"[{i + 1}/{len(runs)}] {name}: failed: {errors[name]} (notebook: {out}); going on")
+        table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"], errors)
         write_text_atomically(sweep_dir / "summary.csv", table.to_csv(index=False))
+    if errors:
+        failed = table[table["run"].isin(list(errors))]
+        raise SweepFailed(f"{len(errors)} of {len(runs)} runs failed: "
+                          + "; ".join(f"{r.run} ({r.error})" for r in failed.itertuples())
+                          + f"; every run is in {sweep_dir / 'summary.csv'}", table)
     return table
 
 
-def sweep_table(sweep_dir: Path, names: list[str], keys: list[str]):
+def sweep_table(sweep_dir: Path, names: list[str], keys: list[str], errors: dict | None = None):
     import pandas as pd
     rows = []
+    errors = errors or {}
     for name in names:
         d = Path(sweep_dir) / name
         cfg = read_json(d / "config.json") or {}
         s = read_json(d / "summary.json") or {}
         t = s.get("time_to_target_ms")
+        status = s.get("status", "missing")
+        if name in errors and status in ("running", "missing", "finished"):
+            status = "failed"  # the notebook failed (before the trainer, or after it, e.g. its figure)
         rows.append({"run": name, **{k: _label(cfg.get(k, "")) if isinstance(cfg.get(k), (list, tuple))
                                      else cfg.get(k) for k in keys}, "variant": cfg.get("name"),
-                     "status": s.get("status", "missing"), "final_val_loss": s.get("final_val_loss"),
+                     "status": status, "error": s.get("error") or errors.get(name),
+                     "final_val_loss": s.get("final_val_loss"),
                      "train_time_s": s["train_time_ms"] / 1000 if s.get("train_time_ms") else None,
                      "step_to_target": s.get("step_to_target"), "time_to_target_s": t / 1000 if t else None,
                      "num_params": s.get("num_params"), "tokens_per_s": s.get("tokens_per_s")})
@@ -460,7 +556,22 @@ def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", 
     s = json.loads((run_dir / "summary.json").read_text())
     print(f"done in {_clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
           f"config.json, log.txt, metrics.jsonl, summary.json, checkpoint.pt, console.log, loss.png, notebook.ipynb")
+    other = trained_with(run_dir)
+    if other and other != sys.executable:
+        print(f"note: the notebook's kernel (python3) trained with {other}, not this Python ({sys.executable}): "
+              f"its kernelspec points elsewhere (make kernel registers .venv's)", flush=True)
     return run_dir
+
+
+def trained_with(run_dir: Path) -> str | None:
+    """The Python that trained the run, as its log.txt records it (None for a log without that line)."""
+    try:
+        with open(Path(run_dir) / "log.txt", errors="replace") as f:
+            head = f.read(16384)
+    except OSError:
+        return None
+    found = re.search(r"^python: (.+?); torch: ", head, re.M)
+    return found[1] if found else None
 
 
 def demo(runs_root: str = "runs/demo") -> Path:
@@ -491,16 +602,34 @@ def main(argv=None):
         fields = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS and v is not None}
         try:
             resolve(fields, 1 if args.nproc_per_node is None else args.nproc_per_node, args.config)
+            if args.run_name:
+                check_folder_name("run_name", args.run_name)
         except ValueError as e:  # the error before anything starts, not a traceback
             ap.exit(2, f"{ap.prog} run: error: {e}\n")
-        run(fields, args.config, args.run_name, args.runs_root, args.nproc_per_node)
+        with signals_interrupt():
+            try:
+                run(fields, args.config, args.run_name, args.runs_root, args.nproc_per_node)
+            except (FolderLocked, OSError, _notebook_error()) as e:
+                ap.exit(1, f"{ap.prog} run: error: {_first_line(e)}\n")
     else:
         try:
             spec = sweep_spec(yaml.safe_load(args.yaml))
             check_sweep(**spec)  # the error before the first run, not a traceback
         except (ValueError, yaml.YAMLError) as e:
             ap.exit(2, f"{ap.prog} sweep: error: {e}\n")
-        print(sweep(**spec))
+        with signals_interrupt():
+            try:
+                print(sweep(**spec))
+            except SweepFailed as e:
+                print(e.table)
+                ap.exit(1, f"{ap.prog} sweep: error: {e}\n")
+            except (FolderLocked, OSError) as e:
+                ap.exit(1, f"{ap.prog} sweep: error: {e}\n")
+
+
+def _notebook_error() -> type:
+    from papermill.exceptions import PapermillExecutionError
+    return PapermillExecutionError
 
 
 if __name__ == "__main__":

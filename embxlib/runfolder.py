@@ -17,11 +17,18 @@ RUN_LOCK, SWEEP_LOCK = "run.lock", "sweep.lock"
 
 # --- names -------------------------------------------------------------------------------------------
 
-def check_folder_name(what: str, value) -> str:
-    """A name that becomes a path must be one folder inside its parent: `a/../../x` would write elsewhere."""
-    if (not isinstance(value, str) or not value or value.startswith(".") or any(c in value for c in "/\\\0")):
-        raise ValueError(f"{what}={value!r}: must be one plain folder name (not empty, no '/' or '\\', "
-                         f"not starting with '.')")
+MAX_NAME_BYTES = 255  # a folder name on Linux and macOS file systems (NAME_MAX)
+
+
+def check_folder_name(what: str, value, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """A name that becomes a path must be one folder inside its parent: `a/../../x` would write elsewhere; a
+    newline or control character would break every line that names it; the file system takes at most 255 bytes."""
+    if (not isinstance(value, str) or not value or value.startswith(".") or any(c in value for c in "/\\\0")
+            or not value.isprintable()):
+        raise ValueError(f"{what}={value!r}: must be one plain folder name (not empty, no '/' or '\\', no newline "
+                         f"or control character, not starting with '.')")
+    if len(value.encode()) > max_bytes:
+        raise ValueError(f"{what}={value[:40]!r}... ({len(value.encode())} bytes): at most {max_bytes} bytes")
     return value
 
 

@@ -269,13 +269,21 @@ def _is_run_folder(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() or (path / "config.json").is_file()
 
 
-def _read_json_file(path: Path) -> dict:
+def read_json_file(path: Path) -> dict:
+    """The one tolerant JSON reader of the analysis: a JSON object file, or {} with a ParseWarning naming the file
+    when it is missing, unreadable, malformed or not an object."""
     try:
-        data = json.loads(_read_text(path))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        _warn(f"{path}: unreadable JSON, ignored")
+        data = json.loads(_read_text(Path(path)))
+    except (OSError, ValueError) as exc:
+        _warn(f"{path}: unreadable JSON, ignored ({exc!s:.80})")
         return {}
+    if not isinstance(data, dict):
+        _warn(f"{path}: not a JSON object, ignored")
+        return {}
+    return data
+
+
+_read_json_file = read_json_file
 
 
 def _metrics_records(text: str, path: Path) -> list[dict]:
@@ -360,23 +368,74 @@ def parse_run_folder(folder, with_lambdas: bool = True) -> tuple[pd.DataFrame, p
 # many inputs
 
 
+LOG_SUFFIXES = (".txt", ".md")  # upstream logs and published results; what a `**` glob adds besides run folders
+
+
+def _walk(top: Path) -> tuple[list[Path], list[Path]]:
+    """The run folders under top and the text logs not inside one, without following symlinked folders (a link
+    back up would never end); a folder that cannot be read is warned about and skipped."""
+    def unreadable(exc: OSError) -> None:
+        _warn(f"{exc.filename}: unreadable folder, skipped ({exc.strerror})")
+    folders, texts = [], []
+    for dirpath, _, filenames in os.walk(top, onerror=unreadable):
+        d = Path(dirpath)
+        if "metrics.jsonl" in filenames or "config.json" in filenames:
+            folders.append(d)
+        texts.extend(d / f for f in filenames if f.endswith(".txt"))
+    folders.sort()
+    logs = [p for p in sorted(texts) if not any(f in p.parents for f in folders)]
+    return folders, logs
+
+
+def _glob(pattern: str) -> list[Path]:
+    """glob.glob, except that `**` follows no symlinked folder (glob's does, forever round a loop) and gives only
+    run folders and log files: not every file and folder inside the runs (log.txt, console.log, checkpoints)."""
+    if "**" not in pattern:
+        return [Path(m) for m in sorted(glob.glob(pattern))]
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:first]) if first else Path(".")
+    if not base.is_dir():
+        return []
+    folders, logs = _walk(base)  # (warns about unreadable folders, which pathlib's glob skips silently)
+    rest = Path(*parts[first:])
+    found = set(base.glob(str(rest)))  # pathlib's ** does not follow symlinked folders
+    if parts[-1] == "**":  # glob's trailing ** also matches files; pathlib's only folders
+        found.update(base.glob(str(rest / "*")))
+    runs = set(folders)
+    keep = []
+    for p in sorted(found):
+        if p in runs:
+            keep.append(p)
+        elif p.name in ("metrics.jsonl", "config.json") and p.parent in runs:
+            keep.append(p.parent)  # `runs/**/metrics.jsonl`: its run
+        elif p.suffix.lower() in LOG_SUFFIXES and p.is_file() and not any(f in p.parents for f in runs):
+            keep.append(p)
+    return keep
+
+
 def _expand(paths) -> list[Path]:
-    """Files and run folders named by paths, globs and directories, each once, in the order given."""
+    """Files and run folders named by paths, globs and directories, each once, in the order given. A folder that
+    cannot be read is warned about and skipped, never fatal."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[Path] = []
     for pattern in paths:
-        matches = sorted(glob.glob(str(pattern), recursive=True))
+        matches = _glob(str(pattern))
         if not matches:
             _warn(f"{pattern}: no such file, folder or match")
-        for match in map(Path, matches):
-            if match.is_dir() and not _is_run_folder(match):
-                # a folder of runs: its run folders, and the text logs that are not inside one
-                folders = sorted({p.parent for name in ("metrics.jsonl", "config.json") for p in match.rglob(name)})
-                logs = [p for p in sorted(match.rglob("*.txt")) if not any(f in p.parents for f in folders)]
-                found.extend(folders + logs)
-            else:
-                found.append(match)
+        for match in matches:
+            try:
+                if match.is_dir() and not _is_run_folder(match):
+                    if not os.access(match, os.R_OK | os.X_OK):
+                        raise PermissionError(13, "Permission denied", str(match))
+                    # a folder of runs: its run folders, and the text logs that are not inside one
+                    folders, logs = _walk(match)
+                    found.extend(folders + logs)
+                else:
+                    found.append(match)
+            except OSError as exc:
+                _warn(f"{match}: unreadable, skipped ({exc.strerror or exc})")
     unique: dict[Path, Path] = {}
     for path in found:
         unique.setdefault(path.resolve(), path)

@@ -22,19 +22,23 @@ if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
 
 import _thread  # noqa: E402
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import ctypes  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pickle  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import zipfile  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -46,9 +50,9 @@ from .config import Config, add_config_args, config_from_args  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers  # noqa: E402
-from .runfolder import (RUN_LOCK, FolderLock, FolderLocked, end_torn_line, lock_info, process_alive,  # noqa: E402
-                        read_json, read_jsonl, remove_stale_tmp, write_atomically, write_json_atomically,
-                        write_text_atomically)
+from .runfolder import (MAX_NAME_BYTES, RUN_LOCK, FolderLock, FolderLocked, end_torn_line, lock_info,  # noqa: E402
+                        process_alive, read_json, read_jsonl, remove_stale_tmp, write_atomically,
+                        write_json_atomically, write_text_atomically)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -87,22 +91,78 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
                 raise ValueError(f"--resume uses the run's own config.json; drop {['--' + g.replace('_', '-') for g in given]}")
             cfg_path = Path(args.resume) / "config.json"
             if not (Path(args.resume) / CHECKPOINT).exists():
-                raise ValueError(f"--resume {args.resume}: no {CHECKPOINT} there to continue from")
+                raise ValueError(f"--resume {args.resume}: no {CHECKPOINT} there to continue from (the run ended "
+                                 f"before its first checkpoint; its logs stay there): start a new run in another "
+                                 f"folder, e.g. --config {cfg_path} --run-dir <new folder>")
             saved = read_json(cfg_path)
             if saved is None:
                 raise ValueError(f"--resume {args.resume}: {cfg_path} is missing or unreadable")
             cfg = Config.from_dict(saved)
+            check_resume(Path(args.resume), cfg, args.max_steps)
         else:
             cfg = config_from_args(args)
+            too_long = [part for part in Path(args.run_dir or "").parts if len(part.encode()) > MAX_NAME_BYTES]
+            if too_long:
+                raise ValueError(f"--run-dir {args.run_dir[:60]!r}...: the folder name {too_long[0][:40]!r}... has "
+                                 f"{len(too_long[0].encode())} bytes; at most {MAX_NAME_BYTES}")
             if args.run_dir and not is_new_run_dir(Path(args.run_dir)):
+                resumable = (Path(args.run_dir) / CHECKPOINT).exists()
                 raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; runs are never "
-                                 f"overwritten: choose another folder or --resume it")
+                                 f"overwritten: choose another folder"
+                                 + (f" or continue it with --resume {args.run_dir}" if resumable else
+                                    f" (it holds no {CHECKPOINT} to resume from)"))
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the steps to train up to, at most "
+                             f"num_iterations={cfg.num_iterations})")
         cfg.validate(args.world_size or world if args.dry_run else world)
         if not args.dry_run:
             check_device(cfg)
     except ValueError as e:  # one line naming the field, not the whole usage text
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     return args, cfg
+
+
+def config_differences(found: dict, wanted: dict, found_as: str = "in the folder",
+                       wanted_as: str = "requested") -> list[str]:
+    """'field A <found_as>, B <wanted_as>' for every Config field whose values differ (lists and tuples alike)."""
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+    missing = "(missing)"
+    return [f"{k} {found.get(k, missing)!r} {found_as}, {wanted.get(k, missing)!r} {wanted_as}"
+            for k in Config.__dataclass_fields__ if norm(wanted.get(k, missing)) != norm(found.get(k, missing))]
+
+
+def peek_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's step and config without reading its tensors (memory-mapped), or None when it cannot be
+    read: the real load reports why (corrupt, or holding code) and records it in the summary."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return dict(step=int(ck["step"]), config=ck.get("config"))
+    except Exception:  # noqa: BLE001 (any failure: the load in training names it)
+        return None
+
+
+def check_resume(run_dir: Path, cfg: Config, max_steps: int | None) -> None:
+    """A resume continues only what it can continue as it was: never a finished run, never back to an earlier
+    step, never with a config.json edited since the checkpoint."""
+    summary = read_json(run_dir / "summary.json") or {}
+    if summary.get("status") == "finished":
+        raise ValueError(f"--resume {run_dir}: the run is finished ({summary.get('steps', cfg.num_iterations)} of "
+                         f"{cfg.num_iterations} steps); a finished run is never extended or rewritten: start a new "
+                         f"run, e.g. --config {run_dir / 'config.json'} --num-iterations N --run-dir <new folder>")
+    ck = peek_checkpoint(run_dir / CHECKPOINT)
+    if ck is None:
+        return
+    if max_steps is not None and max_steps < ck["step"]:
+        raise ValueError(f"--max-steps {max_steps}: below the step of {run_dir / CHECKPOINT} ({ck['step']}); a "
+                         f"resume continues from there: give --max-steps {ck['step'] + 1}..{cfg.num_iterations} "
+                         f"or leave it out")
+    if ck["config"] is not None:
+        diff = config_differences(ck["config"], cfg.to_dict(), f"in {CHECKPOINT}", "in config.json")
+        if diff:
+            raise ValueError(f"--resume {run_dir}: config.json differs from the config its {CHECKPOINT} was "
+                             f"trained with: {'; '.join(diff)}; a resume continues the checkpoint's run: restore "
+                             f"config.json, or start a new run in another folder")
 
 
 # --- distributed helpers -------------------------------------------------------------------------
@@ -198,7 +258,12 @@ class RunLog:
     def line(self, s: str, console: bool = True) -> None:
         if not self.active:
             return
-        self.log.write(s + "\n")
+        try:
+            self.log.write(s + "\n")
+        except OSError as e:  # a full disk: say which file it refused
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(self.dir / "log.txt")) from e
+            raise
         if console:
             print(s, flush=True)
 
@@ -207,8 +272,13 @@ class RunLog:
             return
         path = self.dir / "metrics.jsonl"
         if self.replace_from is None:
-            with open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:  # a full disk: say which file it refused
+                if e.filename is None:
+                    raise OSError(e.errno, e.strerror, str(path)) from e
+                raise
             return
         # replaced now that a new record exists, not at the resume: a resume that dies first loses nothing
         old, notes = read_jsonl(path)
@@ -233,16 +303,52 @@ class RunLog:
         previous = read_json(self.dir / "summary.json")
         self.finished = previous if previous and previous.get("status") == "finished" else None
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, summary: dict, in_place: bool = False) -> None:
         """summary.json holds the newest complete results: while a resumed finished run runs or fails, its finished
-        summary stays (status, numbers) and the resume's own status and error are under "resume"."""
+        summary stays (status, numbers) and the resume's own status and error are under "resume". in_place: over
+        the old file's bytes instead of write-then-rename (a full disk has no block for the .tmp)."""
         if self.finished is not None and summary.get("status") != "finished":
             summary = {**self.finished, "resume": {k: summary[k] for k in ("status", "error") if k in summary}}
-        self.write_json("summary.json", summary)
+        if not in_place:
+            self.write_json("summary.json", summary)
+        elif self.active:
+            path = self.dir / "summary.json"
+            data = json.dumps(summary, indent=2).encode()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.pwrite(fd, data, 0)
+                    os.ftruncate(fd, len(data))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from e
+
+    def fatal_errors_to_log(self):
+        """A fatal signal no Python code can handle (SIGBUS, SIGSEGV, SIGFPE, SIGABRT, SIGILL) ends log.txt with
+        faulthandler's report and the Python traceback, instead of leaving it without a word. Returns the undo."""
+        if not self.active:
+            return lambda: None
+        was = faulthandler.is_enabled()
+        self.log.flush()
+        faulthandler.enable(file=self.log, all_threads=False)
+
+        def undo():
+            faulthandler.disable()
+            if was:  # as it was: to stderr
+                try:
+                    faulthandler.enable(file=sys.__stderr__)
+                except (AttributeError, ValueError, OSError):
+                    pass
+        return undo
 
     def close(self):
         if self.log:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError:  # its last lines could not be written (a full disk): the error said so already
+                pass
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +379,9 @@ def provenance(run_dir: Path) -> str:
 def header_lines(cfg: Config, argv: list[str], world: int, accum: int, device: torch.device, commit: str) -> list[str]:
     lines = [f"embxlib run: {' '.join(argv)}", f"git commit: {commit}", "config: " + json.dumps(cfg.to_dict()),
              "=" * 100, f"Running Python {sys.version.split()[0]} on {platform.platform()}",
-             f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
+             f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
+             f"python: {sys.executable}; torch: {torch.__version__} (git {torch.version.git_version}, "
+             f"debug {torch.version.debug}) from {Path(torch.__file__).parent}"]
     if device.type == "cuda":  # as upstream: the GPUs, their memory and driver
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if _has("nvidia-smi") else ""
         lines += [torch.cuda.get_device_name(device), *smi.rstrip().splitlines()]
@@ -311,6 +419,61 @@ def lambda_record(model: GPT) -> dict:
 
 _STOPPED_BY: list[str] = []  # why the watchdog interrupted training: the summary's error
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl-C; kill, timeout, Slurm, docker stop, torchrun; a closed terminal
+_SIGNALS: list[int] = []  # the signals received, first first
+_ARMED = [False]  # whether a stop signal raises StopSignal now (not while the run's record is being written)
+
+
+class StopSignal(KeyboardInterrupt):
+    """A stop signal arrived: training ends as after Ctrl-C, the summary says `stopped` and names the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_FROM_WATCHDOG = [False]  # the next SIGINT is the watchdog's interrupt_main, not a signal from outside
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if signum == signal.SIGINT and _FROM_WATCHDOG[0]:
+        _FROM_WATCHDOG[0] = False
+    else:
+        _SIGNALS.append(signum)
+        _STOPPED_BY.append(f"stopped by {signal.Signals(signum).name}")
+    if _ARMED[0]:
+        _ARMED[0] = False  # one interruption: a second signal must not tear the record being written
+        raise StopSignal(signum)
+
+
+def stop_signal() -> int | None:
+    """The first stop signal this process received (while stop_signals() was on), or None."""
+    return _SIGNALS[0] if _SIGNALS else None
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT, SIGTERM and SIGHUP raise StopSignal in the main thread (a Python handler runs between bytecodes,
+    so also inside torch.save's writes and between the ops of a step); a signal that is ignored (nohup's SIGHUP, a
+    background job's SIGINT) stays ignored. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _on_stop_signal)
+    _SIGNALS.clear()
+    _STOPPED_BY.clear()
+    _ARMED[0] = True
+    try:
+        yield
+    finally:
+        _ARMED[0] = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
 
 def stop_with_parents(poll_s: float = 0.5, grace_s: float = 10.0) -> None:
     """Under torchrun or our launcher, stop when they are gone: a SIGKILLed launcher cannot stop its children, and
@@ -330,6 +493,7 @@ def stop_with_parents(poll_s: float = 0.5, grace_s: float = 10.0) -> None:
                 _STOPPED_BY.append(f"stopped: the launcher (pid {launcher}) is gone")
             else:
                 continue
+            _FROM_WATCHDOG[0] = True
             _thread.interrupt_main()  # a KeyboardInterrupt in the training loop: the summary and log say why
             time.sleep(grace_s)  # stuck in a collective whose peers are gone: leave without cleaning up
             os._exit(1)
@@ -371,11 +535,14 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
     run_dir = Path(args.resume) if resume else D.broadcast_object(new_run_dir(args, cfg) if D.rank == 0 else None)
     lock = hold_run_dir(run_dir) if D.rank == 0 else None
     log = RunLog(run_dir, D.rank == 0)
+    crash_to_log = log.fatal_errors_to_log()  # SIGBUS (a shard truncated under its memmap), SIGSEGV: in log.txt
     if resume:
         log.resume()
     summary = dict(status="running", run_dir=str(run_dir), name=cfg.name, preset=cfg.preset, seed=cfg.seed)
     log.write_summary(summary)  # a run killed from outside still says it never finished
     try:
+        if stop_signal() is not None:  # a signal that came while the folder was being set up
+            raise StopSignal(stop_signal())
         if resume:
             log.line(f"# resumed from {CHECKPOINT} with world_size {D.world}")
         else:
@@ -386,25 +553,61 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
             log.line("data: " + check_enough_data(train_files, val_files, cfg, D.world), console=False)
         summary = _train_loop(cfg, args, D, device, accum, val_steps, train_files, val_files, run_dir, log, summary)
     except BaseException as e:  # keep what we have, say what happened, then fail loudly
-        error = _STOPPED_BY[0] if isinstance(e, KeyboardInterrupt) and _STOPPED_BY else f"{type(e).__name__}: {e}"
-        summary.update(status="failed", error=error)
+        _ARMED[0] = False  # from here on a signal is noted, not raised: the record below is written whole
+        # a stop from outside is what happened, also when it surfaced as another error (torch.save reports an
+        # interrupted write as "unexpected pos")
+        if _STOPPED_BY and _STOPPED_BY[0].startswith("stopped by SIG"):
+            summary.update(status="stopped", error=_STOPPED_BY[0])
+            message = (f"# STOPPED on rank {D.rank}: {_STOPPED_BY[0]}; --resume {run_dir} continues from its last "
+                       f"checkpoint")
+        else:
+            error = (_STOPPED_BY[0] if isinstance(e, KeyboardInterrupt) and _STOPPED_BY
+                     else f"{type(e).__name__}: {e}")
+            summary.update(status="failed", error=error)
+            message = f"# FAILED on rank {D.rank}: {error}"
         try:
-            log.line(f"# FAILED on rank {D.rank}: {error}")
-        except OSError:  # the disk that failed the run may refuse this line too; the summary below says it
-            pass
+            log.line(message)
+        except OSError as le:  # the disk that failed the run may refuse this line too; the summary below says it
+            print(f"error: could not write {run_dir / 'log.txt'}: {le}; {message[2:]}", file=sys.stderr, flush=True)
         if D.rank != 0:
-            print(f"[rank {D.rank}] {error}", file=sys.stderr, flush=True)
-        traceback.print_exc()
+            print(f"[rank {D.rank}] {message[2:]}", file=sys.stderr, flush=True)
+        if summary["status"] == "failed":
+            traceback.print_exc()
         raise
     finally:
+        _ARMED[0] = False
         try:
-            log.write_summary(summary)
+            write_summary_or_say_so(log, summary)
         finally:
+            crash_to_log()
             log.close()
-            D.close()
             if lock is not None:
                 lock.release()
+            D.close()  # last: with a peer gone it may wait; the record and the lock are done by then
     return run_dir
+
+
+def write_summary_or_say_so(log: "RunLog", summary: dict) -> None:
+    """The summary, whole; when even that fails (a full disk: its .tmp needs a new block), rewrite summary.json in
+    place (its own blocks are enough) and say so on stderr and in log.txt, naming the file."""
+    try:
+        log.write_summary(summary)
+        return
+    except OSError as e:
+        problem = e
+    path = log.dir / "summary.json"
+    text = f"could not write {path} whole ({problem})"
+    try:
+        log.write_summary(summary, in_place=True)
+        text += f"; rewrote it in place: status {summary.get('status')}"
+    except OSError as e2:
+        text += f", nor in place ({e2}); it is out of date: the run's status is {summary.get('status')}" + (
+            f" ({summary['error']})" if summary.get("error") else "")
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    try:
+        log.line(f"# {text}", console=False)
+    except OSError:
+        pass
 
 
 def hold_run_dir(run_dir: Path) -> FolderLock | None:
@@ -436,8 +639,12 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
         muon.load_state_dict(ck["muon"])
         stream.load_state_dict(ck["stream"])
         step, train_ms = ck["step"], ck["train_time_ms"]
-        history = [h for h in ck["history"] if h[0] < step]  # step `step` itself is validated again below
-        log.replace_from = step  # the step is validated again: its new record replaces the old from there on
+        # the step is validated again when it is a validation step or the end (its new record then replaces the
+        # old from there on); a --max-steps stop between validations keeps its record
+        end = cfg.num_iterations if args.max_steps is None else min(cfg.num_iterations, args.max_steps)
+        again = step % cfg.val_loss_every == 0 or step >= end
+        history = [h for h in ck["history"] if h[0] < step or not again]
+        log.replace_from = step if again else step + 1
 
     def sync():
         if device.type == "cuda":
@@ -475,7 +682,7 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     sync()
     t0 = time.perf_counter()
     while True:
-        last = step == stop
+        last = step >= stop  # (a resume never starts past stop: parse() refuses it)
         if last or step % cfg.val_loss_every == 0:
             lines.flush()  # every train loss read (finite, or the run stops) before the clock stops
             sync()
@@ -635,6 +842,10 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"[Uu]nsupported [^\n]*?(?=\.?\n|\.?$)", str(e))
+        if not zipfile.is_zipfile(path) or "GLOBAL" not in str(e):  # torch.save writes a zip; code needs a GLOBAL
+            raise ValueError(f"{path}: corrupt: not a checkpoint as torch.save writes one (unpickling failed: "
+                             f"{found[0] if found else 'unreadable'}); resume from a good copy or start a new "
+                             f"run") from None
         detail = found[0] if found else "not a weights-only checkpoint"
         raise ValueError(f"{path}: holds more than tensors and plain data ({detail}); refusing to unpickle it: "
                          f"it could run code") from None
@@ -681,10 +892,19 @@ def main(argv=None) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     stop_with_parents()
-    try:
-        train(cfg, args, ["python -m embxlib.train", *argv])
-    except FolderLocked as e:
-        sys.exit(f"error: {e}")
+    with stop_signals():
+        try:
+            run_dir = train(cfg, args, ["python -m embxlib.train", *argv])
+        except FolderLocked as e:
+            sys.exit(f"error: {e}")
+        except BaseException:
+            if stop_signal() is None:
+                raise
+            # recorded (summary `stopped`, a log line naming the signal); exit as the signal's conventional 128+n
+            print(_STOPPED_BY[0], file=sys.stderr, flush=True)
+            raise SystemExit(128 + stop_signal()) from None
+        if stop_signal() is not None:  # arrived while the finished run's record was being written
+            print(f"{_STOPPED_BY[0]} after the run had finished: {run_dir}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

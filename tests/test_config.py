@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from embxlib.config import Config, coerce, field_help, medium, medium_x01, tiny
+from embxlib.config import Config, build_config, coerce, field_help, medium, medium_x01, tiny
 from embxlib.model import count_params
 from embxlib.train import build_parser, parse
 from conftest import PYTHON, ROOT, python_env
@@ -242,3 +242,35 @@ def test_resume_takes_no_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse(["--resume", str(tmp_path), "--config", str(tmp_path / "c.json")])
     assert "drop ['--config']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adam-beta1", "2"], "adam_beta1=2.0: must be in [0, 1)"),
+    (["--adam-beta2", "-0.1"], "adam_beta2=-0.1: must be in [0, 1)"),
+    (["--adam-eps", "-1"], "adam_eps=-1.0: must be >= 0"),
+    (["--embed-lr", "-1"], "embed_lr=-1.0: must be >= 0"),
+    (["--embed-lr", "nan"], "embed_lr=nan: must be a finite number"),
+    (["--muon-lr", "inf"], "muon_lr=inf: must be a finite number"),
+    (["--muon-momentum", "1.5"], "muon_momentum=1.5: must be in [0, 1)"),
+    (["--logit-softcap", "0"], "logit_softcap=0.0: must be > 0"),
+    (["--seed", "-1"], "seed=-1: must be an integer in 0..9223372036854775807"),
+    (["--seed", str(10**20)], "seed=100000000000000000000: must be an integer in 0..9223372036854775807"),
+    (["--name", "a" * 300], "(300 bytes): at most 100 bytes"),
+    (["--name", "a\nb"], "name='a\\nb': must be one plain folder name"),
+    (["--name", "a\x1bb"], "name='a\\x1bb': must be one plain folder name"),
+    (["--run-dir", "runs/" + "r" * 300], "has 300 bytes; at most 255"),
+], ids=str)
+def test_bad_values_are_one_line_before_anything(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        parse(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_file_with_nan_is_refused(tmp_path):
+    (tmp_path / "c.json").write_text('{"embed_lr": NaN}')
+    with pytest.raises(ValueError, match=r"embed_lr=nan: must be a finite number"):
+        build_config({}, tmp_path / "c.json").validate()

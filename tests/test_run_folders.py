@@ -53,38 +53,22 @@ def file_has(path, text):
 # --- results are never lost -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_keeps_its_results_until_it_finishes_again(fast_args, tmp_path):
+def test_a_resume_that_fails_keeps_what_the_run_had(fast_args, tmp_path):
+    """(A finished run is never resumed: tests/test_stops.py.) A run stopped by --max-steps, resumed from a
+    truncated checkpoint: the failure is recorded, nothing it had is dropped; from the good checkpoint it finishes."""
     run = tmp_path / "run"
-    train.main(fast_args(run))
-    finished = read_json(run / "summary.json")
-    assert finished["status"] == "finished"
-
-    # killed while resuming: the finished results stay, the resume's state is under "resume"
-    proc = subprocess.Popen([PYTHON, "-m", "embxlib.train", "--resume", str(run)], env=python_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(file_has(run / "log.txt", "# resumed from"), 60, "the resume to start")
-    finally:
-        proc.kill()
-        proc.wait()
-    assert read_json(run / "summary.json") == {**finished, "resume": {"status": "running"}}
-
-    # a resume that fails: the failure is recorded next to the results it did not replace
+    train.main(fast_args(run, "--precision", "fp32", "--max-steps", "2"))
+    assert read_json(run / "summary.json")["status"] == "stopped"
     checkpoint = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(checkpoint[: len(checkpoint) // 2])
     with pytest.raises(RuntimeError):
         train.main(["--resume", str(run)])
     failed = read_json(run / "summary.json")
-    assert {k: v for k, v in failed.items() if k != "resume"} == finished
-    assert failed["resume"]["status"] == "failed" and "RuntimeError" in failed["resume"]["error"]
-    assert steps_in_metrics(run) == [0, 2, 4]  # the final record was not dropped by the resumes that died
-
-    # a resume that finishes replaces them
+    assert failed["status"] == "failed" and "RuntimeError" in failed["error"]
+    assert steps_in_metrics(run) == [0, 2]  # the resume that died dropped no record
     (run / "checkpoint.pt").write_bytes(checkpoint)
     train.main(["--resume", str(run)])
-    again = read_json(run / "summary.json")
-    assert again["status"] == "finished" and "resume" not in again
-    assert again["final_val_loss"] == pytest.approx(finished["final_val_loss"], abs=1e-6)
+    assert read_json(run / "summary.json")["status"] == "finished"
     assert steps_in_metrics(run) == [0, 2, 4]
 
 
@@ -296,3 +280,178 @@ def test_folder_names():
     for name in ("", ".", "..", ".x", "a/b", "a\\b", "../x", None, 3):
         with pytest.raises(ValueError, match="must be one plain folder name"):
             check_folder_name("name", name)
+
+
+# --- folders reused only for the same config; sweeps that go on; launchers stopped by signals --------------
+
+FP32 = {"precision": "fp32"}  # the same code paths, many times faster on a CPU without bf16
+
+
+def made_run(corpus, folder, status="finished", **params):
+    """A run folder as the trainer leaves it (config.json, summary.json) for params."""
+    cfg = launch.resolve({**fast_params(corpus), **params})
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(cfg.to_json())
+    (folder / "summary.json").write_text(json.dumps({"status": status, "final_val_loss": 10.5}))
+    (folder / "log.txt").write_text("step:4/4 val_loss:10.5 train_time:1ms step_avg:1ms\n")
+    return folder
+
+
+def test_a_folder_is_reused_only_for_the_same_config(corpus, tmp_path):
+    run = made_run(corpus, tmp_path / "runs" / "x", status="stopped")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError) as err:
+        launch.launch({**fast_params(corpus), "extra_embeds": 1, "num_iterations": 12, "embed_lr": 0.5},
+                      run_name="x", runs_root=str(tmp_path / "runs"), resume=True, nproc_per_node=1, progress=False)
+    assert (f"run_name='x': {run} holds a run with another config: name 'x00-ve2' in its config.json, 'x01-ve2' "
+            f"requested; extra_embeds 0 in its config.json, 1 requested; num_iterations 4 in its config.json, 12 "
+            f"requested; embed_lr 0.3 in its config.json, 0.5 requested") in str(err.value)
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing started, nothing written
+
+
+def test_a_finished_sweep_rerun_with_another_config_is_refused(corpus, tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    made_run(corpus, sweep_dir / "extra_embeds0_s0", extra_embeds=0, seed=0)
+    spec = {"grid": {"extra_embeds": [0]}, "seeds": [0], "base": {**fast_params(corpus), "num_iterations": 8},
+            "sweep_dir": str(sweep_dir)}
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["sweep", "-y", json.dumps(spec)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert (f"run 'extra_embeds0_s0': {sweep_dir / 'extra_embeds0_s0'} holds a run with another config: "
+            f"num_iterations 4 in its config.json, 8 requested") in err
+    assert not (sweep_dir / "summary.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(corpus, tmp_path, capsys):
+    """The first run fails (its data folder is missing), the second still trains; summary.csv has both, the sweep
+    exits non-zero naming the failure."""
+    sweep_dir, missing = tmp_path / "sweep", tmp_path / "no-data"
+    base = {**fast_params(corpus), **FP32}
+    del base["data_dir"]
+    spec = {"grid": {"data_dir": [str(missing), str(corpus)]}, "seeds": [0], "base": base,
+            "sweep_dir": str(sweep_dir)}
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["sweep", "-y", json.dumps(spec)])
+    err = capsys.readouterr().err
+    bad, good = (f"data_dir{launch._label(str(d))}_s0" for d in (missing, corpus))
+    assert exit_.value.code == 1 and err.count("\n") == 1, err
+    assert f"1 of 2 runs failed: {bad} (" in err and "summary.csv" in err
+    import pandas as pd
+    table = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(table["run"]) == [bad, good] and list(table["status"]) == ["failed", "finished"]
+    assert "no *_train_*.bin shards" in table["error"][0] and table["error"].isna()[1]
+
+
+def launcher_process(corpus, runs_root, run_name, **params):
+    code = ("import json, sys; from embxlib import launch; "
+            "launch.launch(json.loads(sys.argv[1]), run_name=sys.argv[2], runs_root=sys.argv[3], nproc_per_node=1, "
+            "progress=False)")
+    return subprocess.Popen([PYTHON, "-c", code, json.dumps({**fast_params(corpus), **FP32, **params}), run_name,
+                             str(runs_root)], env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_launcher_stopped_by_a_signal_stops_its_trainers_and_the_run_says_so(corpus, tmp_path, signame):
+    run = tmp_path / "runs" / "r"
+    proc = launcher_process(corpus, tmp_path / "runs", "r", num_iterations=400, val_loss_every=100)
+    try:
+        wait_for(file_has(run / "log.txt", "step:2/400 train_loss"), 240, "training to start")
+        os.kill(proc.pid, getattr(signal, signame))
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-2000:]
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "stopped" and summary["error"] == "stopped by SIGTERM", summary  # the launcher's _kill
+    assert not (run / RUN_LOCK).exists() and list(run.glob("*.tmp")) == []
+    wait_for(lambda: not processes_mentioning(str(run)), 30, "no process left")
+
+
+def test_launch_command_line_errors_are_one_line(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["run", "--run-name", "../x", "--runs-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "run_name='../x': must be one plain folder name" in err
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    holder = hold_lock(sweep_dir, SWEEP_LOCK)
+    try:
+        spec = {"grid": {"extra_embeds": [0]}, "seeds": [0], "base": fast_params(corpus), "sweep_dir": str(sweep_dir)}
+        with pytest.raises(SystemExit) as exit_:
+            launch.main(["sweep", "-y", json.dumps(spec)])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and f"{sweep_dir} is in use by pid {holder.pid}" in err
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_run_fails_it_and_the_summary_says_so(corpus, tmp_path):
+    """A real full disk (a 4 MiB tmpfs, filled while the run trains): the error names the file it refused, and
+    summary.json, whose .tmp finds no free block, is rewritten in place to `failed`, saying so on stderr."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        run = disk / "run"
+        proc = subprocess.Popen([PYTHON, "-m", "embxlib.train", *FAST, "--precision", "fp32", "--data-dir",
+                                 str(corpus), "--run-dir", str(run), "--num-iterations", "400", "--val-loss-every",
+                                 "1"], env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(file_has(run / "metrics.jsonl", '"step": 1,'), 240, "the first validations")
+            fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+            for size in (2**16, 2**12):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError as e:
+                    assert e.errno == 28
+            os.close(fd)
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        summary = read_json(run / "summary.json")
+        leftovers = sorted(p.name for p in run.glob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+    assert proc.returncode == 1, err[-2000:]
+    assert summary["status"] == "failed", summary
+    assert re.fullmatch(rf"OSError: \[Errno 28\] No space left on device: '{run}/(metrics\.jsonl|log\.txt)'",
+                        summary["error"]), summary["error"]
+    assert f"error: could not write {run / 'summary.json'} whole (" in err
+    assert "rewrote it in place: status failed" in err
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_outright_under_the_launcher_is_recorded_by_it(corpus, tmp_path):
+    """SIGKILL (the OOM killer) leaves the trainer no moment to write; the launcher records torchrun's report."""
+    run = tmp_path / "runs" / "r"
+    proc = launcher_process(corpus, tmp_path / "runs", "r", num_iterations=400, val_loss_every=100)
+    try:
+        wait_for(file_has(run / "log.txt", "step:2/400 train_loss"), 240, "training to start")
+        trainer = next(p for p in processes_mentioning(str(run)) if "embxlib.train" in
+                       Path(f"/proc/{p}/cmdline").read_bytes().decode() and "torch.distributed.run" not in
+                       Path(f"/proc/{p}/cmdline").read_bytes().decode())
+        os.kill(trainer, signal.SIGKILL)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0 and "LaunchError" in out, out[-2000:]
+    summary = read_json(run / "summary.json")
+    assert summary["status"] == "failed" and "SIGKILL" in summary["error"], summary
+    assert "recorded by the launcher" in summary["error"]
+    assert not (run / RUN_LOCK).exists()

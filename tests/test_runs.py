@@ -486,3 +486,74 @@ def test_run_settings_name_the_commit_each_run_was_made_from(tmp_path):
     table = run_settings([tmp_path / "sweep"])
     assert list(table["commit"]) == [sha, sha] and list(table["dirty"]) == [False, True]
     assert list(table["seed"]) == [0, 1] and list(table["source"]) == [str(tmp_path / "sweep" / f"s{i}") for i in (0, 1)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# globs, links and folders that cannot be read
+
+
+def test_a_double_star_glob_follows_no_link_loop_and_adds_only_runs_and_logs(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a")
+    write_run(runs / "deep" / "b", name="x02")
+    (runs / "a" / "console.log").write_text("step:50/50 val_loss:6.5 train_time:1ms step_avg:1ms\n")
+    for i in range(3):  # links back up: glob's ** would walk them round and round
+        (runs / "deep" / f"loop{i}").symlink_to(runs)
+    (runs / "upstream.txt").write_text("step:10/10 val_loss:5.0 train_time:100ms step_avg:10ms\n")
+    import time
+    t = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParseWarning)
+        df = load_runs([str(runs / "**")])
+    assert time.time() - t < 10
+    assert sorted(df["source"].unique()) == sorted(str(p) for p in (runs / "a", runs / "deep" / "b",
+                                                                     runs / "upstream.txt"))
+    assert sorted(df["run"].unique()) == ["a", "b", "upstream"]  # no "log", no "console" run
+    df = load_runs([str(runs / "**" / "metrics.jsonl")])  # a file of a run: that run
+    assert sorted(df["run"].unique()) == ["a", "b"]
+
+
+def test_a_malformed_config_json_warns_in_run_target_naming_it(tmp_path):
+    from embxlib import analysis
+    folder = write_run(tmp_path / "r")
+    (folder / "config.json").write_text('{"name": "x0')
+    with pytest.warns(ParseWarning, match=rf"{folder / 'config.json'}: unreadable JSON, ignored"):
+        val = load_runs([folder])
+    with pytest.warns(ParseWarning, match=rf"{folder / 'config.json'}: unreadable JSON, ignored"):
+        assert analysis.run_target(val) == analysis.MEDIUM_TARGET
+
+
+def without_root_privileges(code: str, cwd: Path):
+    """Python as root without the capabilities that bypass file permissions (or as the user it is)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv: permissions cannot be made to apply")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([*prefix, sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_unreadable_folders_are_warned_about_never_fatal(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "good")
+    write_run(runs / "locked")
+    write_run(runs / "nested" / "hidden")
+    (runs / "locked").chmod(0)
+    (runs / "nested").chmod(0)
+    try:
+        r = without_root_privileges(
+            "import sys; from embxlib.runs import load_runs; "
+            f"df = load_runs([{str(runs / 'locked')!r}, {str(runs)!r}]); print(sorted(df['run'].unique()))", tmp_path)
+    finally:
+        (runs / "locked").chmod(0o755)
+        (runs / "nested").chmod(0o755)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "['good']"
+    assert f"{runs / 'locked'}: unreadable, skipped (Permission denied)" in r.stderr
+    assert f"{runs / 'nested'}: unreadable folder, skipped (Permission denied)" in r.stderr

@@ -3,6 +3,7 @@
     python -m embxlib.bench                      # training (eager + compiled) and analysis
     python -m embxlib.bench --no-compile --steps 2 --rounds 2
     python -m embxlib.bench --only analysis
+    python -m embxlib.bench --gpu-model --preset medium_x01 --extra-embeds 2 --world-size 8   # expected H100 ms/step
 
 Training: the tiny preset for extra_embeds 0..4 against a plain nanoGPT-style GPT of the same width, depth,
 sequence length, batch and vocabulary (AdamW, tied embedding, no value embeddings, no lambdas), in the same run,
@@ -12,6 +13,7 @@ median ms/step after warm-up. With CUDA: medium_x01 on one GPU with gradient acc
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -255,6 +257,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds over all configurations")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     ap.add_argument("--out", default="bench/out/bench.json")
+    ap.add_argument("--gpu-model", action="store_true", help="print the expected H100 ms/step of a config given with "
+                    "the train flags (--preset, --extra-embeds, ..., --world-size N) and how well the model predicts "
+                    "the published runs (embxlib.stepmodel); no training")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu-model" in argv:
+        return gpu_model([a for a in argv if a != "--gpu-model"])
     args = ap.parse_args(argv)
     from embxlib.train import keep_freed_memory
     keep_freed_memory()  # as train.py does; both models below run in this process, under the same allocator
@@ -276,6 +284,20 @@ def main(argv=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def gpu_model(argv: list[str]) -> None:
+    import argparse
+    from tabulate import tabulate
+    from embxlib import stepmodel
+    from embxlib.config import add_config_args, config_from_args
+    ap = argparse.ArgumentParser(prog="python -m embxlib.bench --gpu-model", description=stepmodel.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-size", type=int, default=8, help="GPUs of the run")
+    add_config_args(ap)
+    args = ap.parse_args(argv)
+    cfg = config_from_args(args) if args.preset or args.config else None
+    print(tabulate(stepmodel.report(cfg, args.world_size), headers="keys", tablefmt="github", floatfmt=".3f"))
 
 
 if __name__ == "__main__":

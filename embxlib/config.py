@@ -305,6 +305,16 @@ class Config:
                          f"what fits: {' or '.join(fits)}")
 
 
+def cpu_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX). Without, oneDNN's bf16 products
+    run ~7x slower than fp32 ones (an AVX2 EPYC: 14.5 s against 2.1 s for 512 x 1024 x 50,304)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: keep upstream's policy
+        return True
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
 def next_multiple(v: float, n: int) -> int:
     """The smallest multiple of n that is >= v and >= n, v a float, as upstream's next_multiple_of_n (which rounds the
     float up: 256.5 -> 384 for n = 128, where truncating to an int first would give 256)."""

@@ -1,0 +1,117 @@
+"""What an H100 step of a variant should cost, for a CPU-only user: `python -m embxlib.bench --gpu-model`.
+
+    ms/step = FLOPs per GPU / (989 TFLOP/s x MFU)  +  per embedding table: bytes it moves / bandwidth
+
+FLOPs: 6 x the block and head parameters x tokens, plus attention over the keys each query sees, averaged over the
+window schedule of the whole run (FlexAttention skips the blocks outside the window). Per embedding table (input
+or value, vocab x model_dim, bf16): its dense gradient (written in fp32 and cast), fused Adam (reads weight,
+gradient and two moments, writes three), the ring all-reduce of its gradient (2 (W-1)/W of its bytes per GPU), and
+for an input embedding its term in every layer's residual mix (read in the forward, twice in the backward).
+HBM at 3.35 TB/s, NVLink all-reduce at 360 GB/s bus bandwidth (H100 SXM, NCCL), taken at full speed and not
+overlapped (an upper bound of what a table adds). The model has one free number, the MFU, calibrated on upstream's Record 8 log (step_avg 246.46 ms); `report` says how well it
+then predicts the other upstream logs and snimu's x01..x04 runs (the published files embxlib ships).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .config import Config, medium, medium_x01
+from .model import count_params, window_blocks
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+HBM_BYTES_S = 3.35e12
+ALLREDUCE_BUS_BYTES_S = 360e9
+PUBLISHED = Path(__file__).resolve().parents[1] / "published"
+
+
+def attention_flops(cfg: Config) -> float:
+    """Forward + backward FLOPs of attention per step (4 T K D forward for QK^T and AV, backward twice that), K the
+    keys a query sees on average (half its window, capped by its position in a document-free stream), averaged
+    over every step of the schedule."""
+    layers = [i for i in range(cfg.num_layers) if i not in cfg.no_attn_layers]
+    T, bs = cfg.train_seq_len, cfg.attn_block_size
+    total = 0.0
+    steps = range(0, cfg.num_iterations, max(1, cfg.num_iterations // 200))
+    for s in steps:
+        long = window_blocks(s, cfg) * bs
+        for i in layers:
+            w = long if cfg.window_pattern[i] == "L" else max(bs, long // 2)
+            total += 12 * cfg.train_batch_tokens * min(w, T) / 2 * cfg.model_dim
+    return total / len(steps)
+
+
+def table_bytes(cfg: Config, world: int, input_embedding: bool) -> dict[str, float]:
+    """Bytes one embedding table moves per step and GPU, by where (HBM or the all-reduce)."""
+    n = cfg.vocab_size * cfg.model_dim
+    local_tokens = cfg.train_batch_tokens // world
+    hbm = n * (4 + 4 + 2) + n * 2 * 7  # dense backward: fp32 zero-fill and scatter, bf16 cast; Adam: 4 reads, 3 writes
+    if input_embedding:
+        hbm += 3 * cfg.num_layers * local_tokens * cfg.model_dim * 2
+    return dict(hbm=hbm, allreduce=2 * (world - 1) / world * n * 2 if world > 1 else 0.0)
+
+
+def tables(cfg: Config) -> tuple[int, int]:
+    return 1 + cfg.extra_embeds, cfg.num_ve_tables
+
+
+def predict(cfg: Config, world: int, mfu: float) -> dict:
+    dense = count_params(cfg) - cfg.vocab_size * cfg.model_dim * sum(tables(cfg))
+    flops = (6 * dense * cfg.train_batch_tokens + attention_flops(cfg)) / world
+    compute_ms = flops / (PEAK_FLOPS * mfu) * 1000
+    n_in, n_ve = tables(cfg)
+    one_in, one_ve = table_bytes(cfg, world, True), table_bytes(cfg, world, False)
+    per_in = (one_in["hbm"] / HBM_BYTES_S + one_in["allreduce"] / ALLREDUCE_BUS_BYTES_S) * 1000
+    per_ve = (one_ve["hbm"] / HBM_BYTES_S + one_ve["allreduce"] / ALLREDUCE_BUS_BYTES_S) * 1000
+    ms = compute_ms + n_in * per_in + n_ve * per_ve
+    return dict(ms_per_step=ms, compute_ms=compute_ms, per_input_table_ms=per_in, per_value_table_ms=per_ve,
+                tflops_per_gpu=flops / 1e12)
+
+
+def calibrate(cfg: Config, world: int, logged_ms: float) -> float:
+    """The MFU at which predict() gives logged_ms (bisection: ms falls as the MFU rises)."""
+    lo, hi = 0.05, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predict(cfg, world, mid)["ms_per_step"] > logged_ms else (lo, mid)
+    return (lo + hi) / 2
+
+
+def logged_step_avg(path: Path, section: str | None = None) -> float:
+    """The final step_avg of an upstream log, or of one `## section` of a published results markdown."""
+    text = Path(path).read_text()
+    if section is not None:
+        text = re.split(r"^## ", text, flags=re.M)
+        text = next(t for t in text if t.split("\n", 1)[0].strip() == section)
+    return float(re.findall(r"^step:(\d+)/\1 val_loss:\S+ train_time:\d+ms step_avg:([\d.]+)ms", text, re.M)[-1][1])
+
+
+def references() -> list[tuple[str, Config, float]]:
+    """(label, config, logged ms/step) of every published 8xH100 run embxlib ships."""
+    logs = PUBLISHED / "modded-nanogpt-logs"
+    out = [("Record 8 (upstream log)", medium(), logged_step_avg(next((logs / "2025-04-22_Record8").glob("*.txt")))),
+           ("5 value embeddings (upstream log)", medium(value_embeds=5, num_iterations=5820),
+            logged_step_avg(next((logs / "2025-08-28_Medium_NewValemb").glob("*.txt")))),
+           ("x01 record (upstream log)", medium_x01(),
+            logged_step_avg(next((logs / "2025-09-11_GPT2MediumX01").glob("*.txt"))))]
+    results = PUBLISHED / "snimu-experiments" / "00004-x0" / "results.md"
+    for section, extra in (("999-0", 0), ("999-1", 0), ("0", 1), ("1", 2), ("2", 3), ("3", 4)):
+        out.append((f"snimu x0{extra} (run {section})", medium(extra_embeds=extra), logged_step_avg(results, section)))
+    return out
+
+
+def report(cfg: Config | None = None, world: int = 8) -> list[dict]:
+    """The model calibrated on Record 8, its predictions of the published runs, and, given cfg, of cfg at world."""
+    refs = references()
+    mfu = calibrate(refs[0][1], 8, refs[0][2])
+    rows = []
+    for label, c, logged in refs:
+        p = predict(c, 8, mfu)
+        rows.append(dict(run=label, world=8, logged_ms=logged, predicted_ms=p["ms_per_step"],
+                         error_pct=100 * (p["ms_per_step"] / logged - 1), mfu=mfu,
+                         per_input_table_ms=p["per_input_table_ms"]))
+    if cfg is not None:
+        p = predict(cfg, world, mfu)
+        rows.append(dict(run=f"{cfg.preset} {cfg.name}", world=world, logged_ms=None, predicted_ms=p["ms_per_step"],
+                         error_pct=None, mfu=mfu, per_input_table_ms=p["per_input_table_ms"]))
+    return rows

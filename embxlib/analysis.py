@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -37,28 +38,33 @@ def out_folder(out_dir=None) -> Path:
             out = base.with_name(f"{base.name}-{n}")
 
 
-def load(inputs, variants=None, **named) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load(inputs, variants=None, pool: bool = False, **named) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validation points and lambdas of the runs in inputs (paths or globs from the repository root).
 
     variants: keep these, in this order (a dict also relabels them); None keeps every variant found: a run
     folder's variant is the `name` in its config.json, an upstream log's its folder, a results.md run's its number
     without the repeat index. named: parameters that name one (relabelled) variant, e.g. baseline="x00-ve2"; None
     is allowed. Raises ValueError naming the inputs when they hold no validation point (runs.load_runs), or
-    naming a variant that is not among them."""
+    naming a variant that is not among them. Run folders shown as one variant must share their comparison settings
+    (runs.check_pooling): otherwise ValueError naming the fields that differ, unless pool=True."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths = [str(at_root(p)) for p in inputs]
-    val = runs.load_runs(paths)  # raises when no input gives a validation point
+    val = runs.load_runs(paths, pool=True)  # raises when no input gives a validation point
     if variants is not None:
         found = list(pd.unique(val["variant"]))
         missing = [v for v in variants if v not in found]
         if missing:
             raise ValueError(f"variants {missing} are not in the inputs; they hold {found}")
     val = runs.select(val, variants)
+    runs.check_pooling(val, pool)  # after relabelling: runs kept apart by variants= are not pooled
     shown = list(pd.unique(val["variant"]))
     for key, value in named.items():
         if value is not None and value not in shown:
             raise ValueError(f"{key}={value!r} is not one of the variants shown: {shown}")
-    return val, runs.select(runs.load_lambdas(paths), variants)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", runs.PoolWarning)  # checked above, on the variants shown
+        lam = runs.load_lambdas(paths, pool=True)
+    return val, runs.select(lam, variants)
 
 
 def run_target(val: pd.DataFrame) -> float:

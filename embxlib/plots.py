@@ -3,7 +3,9 @@
 Every plot function takes an optional `ax` and returns its Figure. Figures are built with
 matplotlib.figure.Figure rather than pyplot, so nothing depends on the active backend and no figure is kept
 alive by pyplot's registry; `save` writes PNG under a name the caller chooses (stable names, e.g. the seeds'
-`val_loss-step-5500-6000.png`).
+`val_loss-step-5500-6000.png`), a relative path meaning the same from nbs/ as from the root. In IPython (JupyterLab) a returned
+figure displays as its PNG when it is a cell's last line, whatever the backend. The interactive views
+(`explore`, `watch`) are in embxlib.explore.
 """
 
 from __future__ import annotations
@@ -16,9 +18,44 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from embxlib.runs import from_root
 from embxlib.stats import average_runs, is_mixing_stream
 
 AXIS_LABELS = {"step": "step", "train_time_s": "training time (s)"}
+
+
+def _png_of_unmanaged(fig):
+    # a Figure made without pyplot has no manager, so no backend shows it: IPython's own PNG printer does; a
+    # pyplot figure (inline or widget backend) is left to its backend (None: this formatter passes)
+    if getattr(fig.canvas, "manager", None) is not None:
+        return None
+    from IPython.core.pylabtools import print_figure
+    return print_figure(fig, "png", bbox_inches="tight")
+
+
+def _register_display() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/png"].for_type(Figure, _png_of_unmanaged)
+
+
+_register_display()
+
+
+def explore(*args, **kwargs):
+    """embxlib.explore.explore: the interactive explorer over loaded runs (see there)."""
+    from .explore import explore as _explore
+    return _explore(*args, **kwargs)
+
+
+def watch(*args, **kwargs):
+    """embxlib.explore.watch: a live view of running runs or a sweep (see there)."""
+    from .explore import watch as _watch
+    return _watch(*args, **kwargs)
 
 
 def _figure(ax, size=(8, 5)):
@@ -136,8 +173,9 @@ def plot_lambda_trajectories(lam: pd.DataFrame, stream: str, ax=None, title: str
 
 
 def save(fig: Figure, path) -> Path:
-    """Write fig as PNG at path (folders created, `.png` added when there is no suffix); returns the path."""
-    path = Path(path)
+    """Write fig as PNG at path (relative: as runs.from_root, the same from nbs/ as from the root; folders
+    created, `.png` added when there is no suffix); returns the path."""
+    path = Path(from_root(path))
     if not path.suffix:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +185,9 @@ def save(fig: Figure, path) -> Path:
 
 
 def save_table(table, path) -> Path:
-    """Write a DataFrame as markdown at path and as CSV beside it, or a ready string as is; returns the path."""
-    path = Path(path)
+    """Write a DataFrame as markdown at path (relative: as runs.from_root) and as CSV beside it, or a
+    ready string as is; returns the path."""
+    path = Path(from_root(path))
     if not path.suffix:
         path = path.with_suffix(".md")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,9 @@ def load(inputs, variants=None, pool: bool = False, **named) -> tuple[pd.DataFra
     (runs.check_pooling): otherwise ValueError naming the fields that differ, unless pool=True."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths = [str(at_root(p)) for p in inputs]
-    val = runs.load_runs(paths, pool=True)  # raises when no input gives a validation point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", runs.PoolWarning)  # checked below, on the variants shown
+        val = runs.load_runs(paths, pool=True)  # raises when no input gives a validation point
     if variants is not None:
         found = list(pd.unique(val["variant"]))
         missing = [v for v in variants if v not in found]
@@ -65,6 +67,13 @@ def load(inputs, variants=None, pool: bool = False, **named) -> tuple[pd.DataFra
         warnings.simplefilter("ignore", runs.PoolWarning)  # checked above, on the variants shown
         lam = runs.load_lambdas(paths, pool=True)
     return val, runs.select(lam, variants)
+
+
+def train_loss(inputs, variants=None) -> pd.DataFrame:
+    """The per-step training loss (runs.load_train_loss) of the run folders among inputs (paths or globs from the
+    repository root), the variants kept and relabelled as load does; empty for logs and published results."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    return runs.select(runs.load_train_loss([str(at_root(p)) for p in inputs]), variants)
 
 
 def run_target(val: pd.DataFrame) -> float:

@@ -44,10 +44,19 @@ def _canvas(fig: Figure):
     except ImportError:  # pragma: no cover - ipympl is a dependency
         return None
     canvas = Canvas(fig)
-    FigureManager(canvas, 0)
+    with warnings.catch_warnings():  # ipympl's toolbar passes traitlets an argument it deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
+        FigureManager(canvas, 0)
     canvas.header_visible = False
     canvas.toolbar_position = "right"
     return canvas
+
+
+def _ready(canvas) -> None:
+    """Give an ipympl canvas shown inside other widgets its first image and size, as displaying it alone would
+    (its _repr_mimebundle_ sets them): without them the frontend draws a 0x0 canvas from a broken image."""
+    if canvas is not None and hasattr(canvas, "_repr_mimebundle_"):
+        canvas._repr_mimebundle_()
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -107,6 +116,7 @@ class Explorer:
                              + ([self.lambdas.widget] if self.lambdas else []))
         self._reset_window()
         self.update()
+        _ready(self.canvas)
 
     # --- data ---------------------------------------------------------------------------------------------
 
@@ -299,6 +309,7 @@ class LambdaView:
         self.widget = w.VBox([w.HBox([self.variant, self.step])]
                              + ([self.canvas] if self.canvas is not None else []))
         self.update()
+        _ready(self.canvas)
 
     def update(self) -> None:
         ax = self.ax
@@ -359,18 +370,25 @@ class LiveView(Explorer):
         self.updates = 0  # how many times new lines were drawn
         self.ended = threading.Event()
         self._stop = threading.Event()
-        super().__init__(*self._read(), x=x, smoothing=smoothing, title=title or "live: " + ", ".join(
+        runs._QUIET.on = True
+        try:
+            tables = self._read()
+        finally:
+            runs._QUIET.on = False
+        super().__init__(*tables, x=x, smoothing=smoothing, title=title or "live: " + ", ".join(
             map(str, self.paths)))
-        self.state = self._state()
+        runs._QUIET.on = True
+        try:
+            self.state = self._state()
+        finally:
+            runs._QUIET.on = False
         self._write_status()
         self.thread = threading.Thread(target=self._loop, name="embxlib-live-view", daemon=True)
         self.thread.start()
 
     def _read(self):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a run being written: a missing file or a torn line is expected
-            val = runs.load_runs(self.paths, require=False, pool=True)
-            train = runs.load_train_loss(self.paths)
+        val = runs.load_runs(self.paths, require=False, pool=True)
+        train = runs.load_train_loss(self.paths)
         return val, train
 
     def _state(self) -> dict:
@@ -382,6 +400,7 @@ class LiveView(Explorer):
                     and all(s in ENDED for s in status.values()))
 
     def _loop(self) -> None:
+        runs._QUIET.on = True  # this thread only: runs being written give missing files and torn lines
         start = time.time()
         seen = None
         try:

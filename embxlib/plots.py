@@ -80,6 +80,15 @@ def _fit_y(ax, ys, pad: float = 0.05) -> None:
         ax.set_ylim(lo - margin, hi + margin)
 
 
+def _near(value: float, ys, share: float = 0.5) -> bool:
+    ys = np.concatenate([np.asarray(y, dtype=float) for y in ys]) if ys else np.array([])
+    ys = ys[np.isfinite(ys)]
+    if not len(ys):
+        return True
+    lo, hi = ys.min(), ys.max()
+    return lo - share * (hi - lo) <= value <= hi + share * (hi - lo)
+
+
 def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = False, band: str = "std",
                   target: float | None = None, n_grid: int = 512, ax=None, title: str | None = None,
                   refs: dict | None = None) -> Figure:
@@ -87,7 +96,7 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
 
     average=False draws every run; average=True draws each variant's mean over its runs on a common grid with a
     band ("std" or "ci95", see stats.average_runs), labelled "<variant>, mean of <n> runs" (or ", 1 run"). xlim
-    zooms in (the y range follows the zoom); target draws a horizontal line at that loss; refs ({label: loss})
+    zooms in (the y range fits the curves in the zoom, and the target when it is near them); target draws a horizontal line at that loss; refs ({label: loss})
     draws dotted reference lines (e.g. n-gram losses) that the y range of a zoom does not follow.
     """
     fig, ax = _figure(ax)
@@ -120,7 +129,9 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
         ax.axhline(loss, color=str(0.2 + 0.25 * i), linestyle=":", linewidth=1.2, label=f"{label} ({loss:.3f})")
     if xlim is not None:
         ax.set_xlim(*xlim)
-        _fit_y(ax, visible + ([[target]] if target is not None else []))
+        # the target joins the y range only when it is near the curves (within half their span): a far one (the
+        # tiny runs' 6.0 under curves at 5.2-5.4) would leave most of the zoom empty; it is still in the legend
+        _fit_y(ax, visible + ([[target]] if target is not None and _near(target, visible) else []))
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel("validation loss")
     ax.set_title(title or f"validation loss vs {AXIS_LABELS.get(x, x)}")

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import threading
 import warnings
 from itertools import compress
 from pathlib import Path
@@ -61,7 +62,12 @@ _STEP_IN_HEADING = re.compile(r"step:\d+/\d+")  # the published 00004 file has `
 _REPEAT_SUFFIX = re.compile(r"[\s-]+\d+$")  # `0-3`, `61 3`, `999-record-2`: the trailing repeat index
 
 
+_QUIET = threading.local()  # a thread that reads runs while they are written (explore.LiveView) sets .on
+
+
 def _warn(message: str) -> None:
+    if getattr(_QUIET, "on", False):  # a missing file or a torn line of a run being written is expected there
+        return
     warnings.warn(message, ParseWarning, stacklevel=3)
 
 

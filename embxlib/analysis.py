@@ -115,15 +115,22 @@ def slug(text) -> str:
 
 
 def lambda_figures(lam: pd.DataFrame, variant, out: Path, norms=None) -> list[Path]:
-    """The variant's per-layer lambdas at the end of training (mean ± std over its runs), their shares (x scaled
+    """The variant's per-layer lambdas at the end of training (every run's own line, and the mean ± std over its
+    runs, whose title says where the runs disagree on the sign), their shares (x scaled
     by the residual norm when norms is given, see stats.mixing_shares) and each stream's trajectory."""
     mine = lam[lam["variant"] == variant]
     if mine.empty:
         return []
     last = stats.final_lambdas(mine)
-    stem = f"lambdas-layer-{slug(variant)}-mean{last['run'].nunique()}"
-    saved = [plots.save(plots.plot_layer_lambdas(last, title=f"{variant}: lambdas at the end of training"),
-                        out / stem)]
+    n = last["run"].nunique()
+    stem = f"lambdas-layer-{slug(variant)}-mean{n}"
+    mixed = plots.mixed_sign_layers(last[last["stream"].map(stats.is_mixing_stream)])
+    note = f" (signs differ across runs in {', '.join(mixed)}: see -runs{n})" if mixed else ""
+    saved = [plots.save(plots.plot_layer_lambdas_runs(last, title=f"{variant}: lambdas at the end of training, one "
+                                                                  f"line per run ({n} runs)"),
+                        out / f"lambdas-layer-{slug(variant)}-runs{n}"),
+             plots.save(plots.plot_layer_lambdas(last, title=f"{variant}: lambdas at the end of training, mean ± std"
+                                                             + note), out / stem)]
     shares = stats.mixing_shares(last, norms=norms)
     title = f"{variant}: share of each input" + (" (x scaled by its norm)" if norms is not None else "")
     saved.append(plots.save(plots.plot_layer_lambdas(shares, ylabel="share", title=title),

@@ -312,32 +312,12 @@ class LambdaView:
         _ready(self.canvas)
 
     def update(self) -> None:
-        ax = self.ax
-        ax.clear()
+        self.ax.clear()
         data = self.lam[(self.lam["variant"] == self.variant.value) & (self.lam["step"] <= self.step.value)]
         last = data.groupby("run")["step"].transform("max")
-        data = data[data["step"] == last]
-        streams = sorted(pd.unique(data["stream"]), key=lambda s: (s != "x", s))
-        colors = plots._palette(streams)
-        n_runs = data["run"].nunique()
-        mixed = []
-        for stream in streams:
-            mine = data[data["stream"] == stream]
-            for i, (_, run) in enumerate(mine.groupby("run")):
-                run = run.sort_values("layer")
-                ax.plot(run["layer"], run["value"], color=colors[stream], alpha=0.5, linewidth=1, marker=".",
-                        label=stream if i == 0 else None)
-            signs = mine.groupby("layer")["value"].agg(lambda v: bool((v > 0).any() and (v < 0).any()))
-            if signs.any():
-                mixed.append(f"{stream} at layer(s) {','.join(str(l) for l in signs.index[signs])}")
-        ax.axhline(0, color="0.3", linewidth=0.8)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("lambda")
-        ax.set_title(f"{self.variant.value}: lambdas per layer at step {self.step.value}, one line per run ({n_runs} "
-                     f"runs)\nsigns differ across runs: {'; '.join(mixed) if mixed else 'nowhere'}", fontsize="medium")
-        ax.grid(alpha=0.3)
-        if streams:
-            ax.legend(fontsize="small")
+        plots.plot_layer_lambdas_runs(data[data["step"] == last], ax=self.ax,
+                                      title=f"{self.variant.value}: lambdas per layer at step {self.step.value}, "
+                                            f"one line per run ({data['run'].nunique()} runs)")
         self.fig.canvas.draw()
 
 

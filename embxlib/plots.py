@@ -160,6 +160,46 @@ def plot_layer_lambdas(final: pd.DataFrame, streams=None, ylabel: str = "lambda"
     return fig
 
 
+def mixed_sign_layers(final: pd.DataFrame) -> dict[str, list[int]]:
+    """{stream: layers} where the runs of `final` (stats.final_lambdas, one variant) disagree on the sign."""
+    out = {}
+    for stream, group in final.groupby("stream", sort=False):
+        values = group.groupby("layer")["value"]
+        layers = [int(layer) for layer, v in values if (v > 0).any() and (v < 0).any()]
+        if layers:
+            out[str(stream)] = layers
+    return out
+
+
+def plot_layer_lambdas_runs(final: pd.DataFrame, streams=None, ylabel: str = "lambda", ax=None,
+                            title: str | None = None) -> Figure:
+    """Per-layer values of each stream, one line per run (no mean: where seeds disagree on the sign, a mean near
+    zero with wide bars says less than the lines). The title names the layers whose signs differ across runs."""
+    fig, ax = _figure(ax, size=(10, 5))
+    if streams is None:
+        streams = sorted((s for s in pd.unique(final["stream"]) if is_mixing_stream(s)), key=lambda s: (s != "x", s))
+    streams = list(streams)
+    data = final[final["stream"].isin(streams)]
+    colors = _palette(streams)
+    for stream in streams:
+        for i, (_, run) in enumerate(data[data["stream"] == stream].groupby("run", sort=False)):
+            run = run.sort_values("layer")
+            ax.plot(run["layer"], run["value"], color=colors[stream], alpha=0.5, linewidth=1, marker=".",
+                    label=stream if i == 0 else None)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    mixed = mixed_sign_layers(data)
+    n_runs = data["run"].nunique()
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    signs = "; ".join(f"{s} at layer(s) {','.join(map(str, layers))}" for s, layers in mixed.items()) or "nowhere"
+    ax.set_title((title or f"{ylabel} per layer, one line per run ({n_runs} runs)")
+                 + f"\nsigns differ across runs: {signs}", fontsize="medium")
+    ax.grid(alpha=0.3)
+    if len(data):
+        ax.legend(fontsize="small")
+    return fig
+
+
 def plot_lambda_trajectories(lam: pd.DataFrame, stream: str, ax=None, title: str | None = None) -> Figure:
     """One stream's lambda at every layer over training (mean over the table's runs), one line per layer."""
     fig, ax = _figure(ax)

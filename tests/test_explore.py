@@ -146,6 +146,18 @@ def test_lambda_view_draws_every_run_and_names_the_layers_whose_signs_differ(x0)
     assert "at step 50" in view.ax.get_title()
 
 
+def test_analysis_lambda_figures_draw_every_run_and_the_mean_says_where_signs_differ(x0, tmp_path):
+    _, _, lam = x0
+    saved = analysis.lambda_figures(lam, "x01-ve2", tmp_path, norms="logged")
+    assert [p.name for p in saved[:2]] == ["lambdas-layer-x01-ve2-runs12.png", "lambdas-layer-x01-ve2-mean12.png"]
+    final = stats.final_lambdas(lam[lam["variant"] == "x01-ve2"])
+    mixed = plots.mixed_sign_layers(final[final["stream"].isin(["x", "x00", "x01"])])
+    assert mixed["x01"] == [0, 1, 2, 3, 4, 5]  # 5 of the 12 seeds end with negative x01 lambdas
+    ax = plots.plot_layer_lambdas_runs(final).axes[0]
+    assert len([l for l in ax.get_lines() if len(l.get_xdata()) == 6]) == 36
+    assert "x01 at layer(s) 0,1,2,3,4,5" in ax.get_title()
+
+
 def test_explorer_figure_saves_as_a_static_png(x0, tmp_path):
     ex = plots.explore(*x0)
     path = ex.save(tmp_path / "explore")

@@ -15,7 +15,8 @@ differ between seeds at tiny scale, so no mean is drawn over them) at the step t
 
 LiveView: an Explorer whose tables are re-read from the run folders every `every` seconds by a background thread
 (the kernel stays free, also while another cell trains), drawn as lines are written, stopping by itself when every
-run found has ended (summary.json finished, failed or stopped) and no launcher or sweep holds a lock.
+run found has ended (summary.json finished, failed or stopped) and no launcher or sweep holds a lock. Its figure is
+an Image widget the thread fills (no mouse readout there; `plots.explore` on the finished runs has it).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class Explorer:
         self.title = title
         self.fig = Figure(figsize=(9, 4.8), layout="constrained")
         self.ax = self.fig.add_subplot()
-        self.canvas = _canvas(self.fig)
+        self.canvas = self._make_canvas()
         self.lines: list[dict] = []  # one per (run, kind): line, variant, run, kind, step, time, loss
         self.variant_boxes: dict[str, w.Checkbox] = {}
         self.variant_box = w.HBox(layout=w.Layout(flex_flow="row wrap"))
@@ -111,12 +112,18 @@ class Explorer:
             is_mixing_stream(s) for s in pd.unique(lam["stream"])) else None
         controls = [self.variant_box, w.HBox([self.x_axis, self.show_val, self.show_train]),
                     w.HBox([self.window, self.smoothing])]
-        shown = self.canvas if self.canvas is not None else w.Output()
-        self.widget = w.VBox(controls + [shown, self.readout, self.status]
+        self.widget = w.VBox(controls + [self._figure_widget(), self.readout, self.status]
                              + ([self.lambdas.widget] if self.lambdas else []))
         self._reset_window()
         self.update()
         _ready(self.canvas)
+
+    def _make_canvas(self):
+        return _canvas(self.fig)
+
+    def _figure_widget(self):
+        import ipywidgets as w
+        return self.canvas if self.canvas is not None else w.Output()
 
     # --- data ---------------------------------------------------------------------------------------------
 
@@ -363,6 +370,7 @@ class LiveView(Explorer):
         finally:
             runs._QUIET.on = False
         self._write_status()
+        self.readout.value = "live view: the mouse readout is in plots.explore (e.g. over these runs once they end)"
         self.thread = threading.Thread(target=self._loop, name="embxlib-live-view", daemon=True)
         self.thread.start()
 
@@ -412,6 +420,23 @@ class LiveView(Explorer):
         runs_text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no run folder yet"
         end = "ended" if self.ended.is_set() else f"watching every {self.every:g} s"
         self.status.value += f"<br><span class='embx-live'>live view: {runs_text}; {end}</span>"
+
+    def _make_canvas(self):
+        return None  # matplotlib's own (Agg) canvas: the image goes to the frontend as an Image widget's value
+
+    def _figure_widget(self):
+        import ipywidgets as w
+        # an Image widget, not an ipympl canvas: a widget's value reaches the page from this thread while another
+        # cell keeps the kernel busy, whereas ipympl's canvas waits for its handshake with the kernel's main thread
+        self.image = w.Image(format="png")
+        return self.image
+
+    def draw(self) -> None:
+        import io
+        buf = io.BytesIO()
+        self.fig.savefig(buf, format="png", dpi=100)
+        if hasattr(self, "image"):
+            self.image.value = buf.getvalue()
 
     def stop(self) -> None:
         self._stop.set()

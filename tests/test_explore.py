@@ -265,6 +265,7 @@ def test_live_view_follows_a_running_run_and_stops_by_itself(live_run):
     partial = [s for s in seen if 0 < s[0] < 20]
     assert partial, f"never saw the run mid-way: {seen[:3]} ... {seen[-3:]}"
     assert view.updates >= 3
+    assert view.image.value[:4] == b"\x89PNG"  # the page's copy, filled by the thread (an Image widget)
     train = [l for l in view.lines if l["kind"] == "train"]
     val = [l for l in view.lines if l["kind"] == "val"]
     assert len(train) == len(val) == 1 and train[0]["step"].tolist() == list(range(1, 21))

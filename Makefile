@@ -29,9 +29,13 @@ test: corpus
 	$(PY) -m pytest -q
 
 # JupyterLab from .venv, opened on nbs/ (the whole repository is browsable); its Python 3 kernel is .venv's python.
-# Extra options: make lab LAB_ARGS="--no-browser --port 8890". As root (containers) Jupyter needs --allow-root.
+# Figures on matplotlib's interactive `widget` backend (ipympl); notebooks under nbs/ are saved without outputs
+# (embxlib/lab.py). Extra options: make lab LAB_ARGS="--no-browser --port 8890". As root (containers) Jupyter
+# needs --allow-root.
 lab: corpus
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/nbs --ServerApp.ip=127.0.0.1 \
+	MPLBACKEND=module://ipympl.backend_nbagg PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" \
+		--LabApp.default_url=/lab/tree/nbs --ServerApp.ip=127.0.0.1 \
+		--ContentsManager.pre_save_hook=embxlib.lab.keep_output_free \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # For a JupyterLab installed elsewhere: register .venv's python as the kernel `embxlib` in your user Jupyter folder.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -36,28 +37,42 @@ def out_folder(out_dir=None) -> Path:
             out = base.with_name(f"{base.name}-{n}")
 
 
-def load(inputs, variants=None, **named) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load(inputs, variants=None, pool: bool = False, **named) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validation points and lambdas of the runs in inputs (paths or globs from the repository root).
 
     variants: keep these, in this order (a dict also relabels them); None keeps every variant found: a run
     folder's variant is the `name` in its config.json, an upstream log's its folder, a results.md run's its number
     without the repeat index. named: parameters that name one (relabelled) variant, e.g. baseline="x00-ve2"; None
     is allowed. Raises ValueError naming the inputs when they hold no validation point (runs.load_runs), or
-    naming a variant that is not among them."""
+    naming a variant that is not among them. Run folders shown as one variant must share their comparison settings
+    (runs.check_pooling): otherwise ValueError naming the fields that differ, unless pool=True."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths = [str(at_root(p)) for p in inputs]
-    val = runs.load_runs(paths)  # raises when no input gives a validation point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", runs.PoolWarning)  # checked below, on the variants shown
+        val = runs.load_runs(paths, pool=True)  # raises when no input gives a validation point
     if variants is not None:
         found = list(pd.unique(val["variant"]))
         missing = [v for v in variants if v not in found]
         if missing:
             raise ValueError(f"variants {missing} are not in the inputs; they hold {found}")
     val = runs.select(val, variants)
+    runs.check_pooling(val, pool)  # after relabelling: runs kept apart by variants= are not pooled
     shown = list(pd.unique(val["variant"]))
     for key, value in named.items():
         if value is not None and value not in shown:
             raise ValueError(f"{key}={value!r} is not one of the variants shown: {shown}")
-    return val, runs.select(runs.load_lambdas(paths), variants)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", runs.PoolWarning)  # checked above, on the variants shown
+        lam = runs.load_lambdas(paths, pool=True)
+    return val, runs.select(lam, variants)
+
+
+def train_loss(inputs, variants=None) -> pd.DataFrame:
+    """The per-step training loss (runs.load_train_loss) of the run folders among inputs (paths or globs from the
+    repository root), the variants kept and relabelled as load does; empty for logs and published results."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    return runs.select(runs.load_train_loss([str(at_root(p)) for p in inputs]), variants)
 
 
 def run_target(val: pd.DataFrame) -> float:
@@ -99,15 +114,22 @@ def slug(text) -> str:
 
 
 def lambda_figures(lam: pd.DataFrame, variant, out: Path, norms=None) -> list[Path]:
-    """The variant's per-layer lambdas at the end of training (mean ± std over its runs), their shares (x scaled
+    """The variant's per-layer lambdas at the end of training (every run's own line, and the mean ± std over its
+    runs, whose title says where the runs disagree on the sign), their shares (x scaled
     by the residual norm when norms is given, see stats.mixing_shares) and each stream's trajectory."""
     mine = lam[lam["variant"] == variant]
     if mine.empty:
         return []
     last = stats.final_lambdas(mine)
-    stem = f"lambdas-layer-{slug(variant)}-mean{last['run'].nunique()}"
-    saved = [plots.save(plots.plot_layer_lambdas(last, title=f"{variant}: lambdas at the end of training"),
-                        out / stem)]
+    n = last["run"].nunique()
+    stem = f"lambdas-layer-{slug(variant)}-mean{n}"
+    mixed = plots.mixed_sign_layers(last[last["stream"].map(stats.is_mixing_stream)])
+    note = f" (signs differ across runs in {', '.join(mixed)}: see -runs{n})" if mixed else ""
+    saved = [plots.save(plots.plot_layer_lambdas_runs(last, title=f"{variant}: lambdas at the end of training, one "
+                                                                  f"line per run ({n} runs)"),
+                        out / f"lambdas-layer-{slug(variant)}-runs{n}"),
+             plots.save(plots.plot_layer_lambdas(last, title=f"{variant}: lambdas at the end of training, mean ± std"
+                                                             + note), out / stem)]
     shares = stats.mixing_shares(last, norms=norms)
     title = f"{variant}: share of each input" + (" (x scaled by its norm)" if norms is not None else "")
     saved.append(plots.save(plots.plot_layer_lambdas(shares, ylabel="share", title=title),

@@ -286,6 +286,8 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
                     causes.append(line.strip())
                 m = STEP.search(line)
                 if not m:
+                    if line.startswith(("# ", "Warmup step")):  # the trainer saying what it does (compiling...)
+                        bar.write(line.strip()) if progress else echo(line.strip())
                     continue
                 bar.n = int(m[1])
                 if m[3]:
@@ -481,6 +483,14 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
     <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir."""
     runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config)
     sweep_dir = at_root(sweep_dir)
+
+    def tell(line: str) -> None:
+        # one line per run started and finished: through echo (the notebook's output) and, when that is not the
+        # terminal (a notebook's kernel), also on the terminal the kernel or JupyterLab was started from
+        echo(line)
+        if echo is print and sys.stdout is not sys.__stdout__ and sys.__stdout__ is not None:
+            print(line, file=sys.__stdout__, flush=True)
+
     sweep_dir.mkdir(parents=True, exist_ok=True)
     errors: dict[str, str] = {}
     with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
@@ -496,16 +506,23 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
                     run_dir.rename(aside)
                 (aside / RUN_LOCK).unlink(missing_ok=True)
                 echo(f"[{i + 1}/{len(runs)}] {name}: no checkpoint, moved to {aside.name}, starting again")
-            echo(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'}")
+            tell(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'} "
+                 f"({datetime.now():%H:%M:%S})")
             out = run_dir / (f"notebook-resumed-{datetime.now():%Y%m%d-%H%M%S}.ipynb" if state == "resumable"
                              else "notebook.ipynb")
+            started = time.time()
             try:
                 run_notebook({**p, "config": config and str(at_root(config)), "run_name": name,
                               "runs_root": str(sweep_dir), "resume": True, "nproc_per_node": nproc_per_node,
                               "progress": False}, out)
             except Exception as e:  # noqa: BLE001 (recorded, and raised at the end; Ctrl-C still stops the sweep)
                 errors[name] = _first_line(e)
-                echo(f"[{i + 1}/{len(runs)}] {name}: failed: {errors[name]} (notebook: {out}); going on")
+                tell(f"[{i + 1}/{len(runs)}] {name}: failed after {_clock(time.time() - started)}: {errors[name]} "
+                     f"(notebook: {out}); going on")
+                continue
+            final = (read_json(run_dir / "summary.json") or {}).get("final_val_loss")
+            tell(f"[{i + 1}/{len(runs)}] {name}: finished in {_clock(time.time() - started)}"
+                 + (f", final val_loss {final:.4f}" if isinstance(final, (int, float)) else ""))
         table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"], errors)
         write_text_atomically(sweep_dir / "summary.csv", table.to_csv(index=False))
     if errors:

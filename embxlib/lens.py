@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import at_root
 from .config import Config
 from .data import tokenizer
 from .model import GPT
@@ -19,8 +20,9 @@ from .train import load_checkpoint
 
 
 def load_model(run_dir: str | Path) -> GPT:
-    """The model of a run folder (config.json + checkpoint.pt), on CPU, in eval mode."""
-    run_dir = Path(run_dir)
+    """The model of a run folder (config.json + checkpoint.pt; a relative path from the repository root), on CPU,
+    in eval mode."""
+    run_dir = at_root(run_dir)
     cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
     model = GPT(cfg)
     ck = load_checkpoint(run_dir / "checkpoint.pt")

@@ -3,7 +3,9 @@
 Every plot function takes an optional `ax` and returns its Figure. Figures are built with
 matplotlib.figure.Figure rather than pyplot, so nothing depends on the active backend and no figure is kept
 alive by pyplot's registry; `save` writes PNG under a name the caller chooses (stable names, e.g. the seeds'
-`val_loss-step-5500-6000.png`).
+`val_loss-step-5500-6000.png`), a relative path meaning the same from nbs/ as from the root. In IPython (JupyterLab) a returned
+figure displays as its PNG when it is a cell's last line, whatever the backend. The interactive views
+(`explore`, `watch`) are in embxlib.explore.
 """
 
 from __future__ import annotations
@@ -16,9 +18,44 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from embxlib.runs import from_root
 from embxlib.stats import average_runs, is_mixing_stream
 
 AXIS_LABELS = {"step": "step", "train_time_s": "training time (s)"}
+
+
+def _png_of_unmanaged(fig):
+    # a Figure made without pyplot has no manager, so no backend shows it: IPython's own PNG printer does; a
+    # pyplot figure (inline or widget backend) is left to its backend (None: this formatter passes)
+    if getattr(fig.canvas, "manager", None) is not None:
+        return None
+    from IPython.core.pylabtools import print_figure
+    return print_figure(fig, "png", bbox_inches="tight")
+
+
+def _register_display() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/png"].for_type(Figure, _png_of_unmanaged)
+
+
+_register_display()
+
+
+def explore(*args, **kwargs):
+    """embxlib.explore.explore: the interactive explorer over loaded runs (see there)."""
+    from .explore import explore as _explore
+    return _explore(*args, **kwargs)
+
+
+def watch(*args, **kwargs):
+    """embxlib.explore.watch: a live view of running runs or a sweep (see there)."""
+    from .explore import watch as _watch
+    return _watch(*args, **kwargs)
 
 
 def _figure(ax, size=(8, 5)):
@@ -43,6 +80,15 @@ def _fit_y(ax, ys, pad: float = 0.05) -> None:
         ax.set_ylim(lo - margin, hi + margin)
 
 
+def _near(value: float, ys, share: float = 0.5) -> bool:
+    ys = np.concatenate([np.asarray(y, dtype=float) for y in ys]) if ys else np.array([])
+    ys = ys[np.isfinite(ys)]
+    if not len(ys):
+        return True
+    lo, hi = ys.min(), ys.max()
+    return lo - share * (hi - lo) <= value <= hi + share * (hi - lo)
+
+
 def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = False, band: str = "std",
                   target: float | None = None, n_grid: int = 512, ax=None, title: str | None = None,
                   refs: dict | None = None) -> Figure:
@@ -50,7 +96,7 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
 
     average=False draws every run; average=True draws each variant's mean over its runs on a common grid with a
     band ("std" or "ci95", see stats.average_runs), labelled "<variant>, mean of <n> runs" (or ", 1 run"). xlim
-    zooms in (the y range follows the zoom); target draws a horizontal line at that loss; refs ({label: loss})
+    zooms in (the y range fits the curves in the zoom, and the target when it is near them); target draws a horizontal line at that loss; refs ({label: loss})
     draws dotted reference lines (e.g. n-gram losses) that the y range of a zoom does not follow.
     """
     fig, ax = _figure(ax)
@@ -83,7 +129,9 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
         ax.axhline(loss, color=str(0.2 + 0.25 * i), linestyle=":", linewidth=1.2, label=f"{label} ({loss:.3f})")
     if xlim is not None:
         ax.set_xlim(*xlim)
-        _fit_y(ax, visible + ([[target]] if target is not None else []))
+        # the target joins the y range only when it is near the curves (within half their span): a far one (the
+        # tiny runs' 6.0 under curves at 5.2-5.4) would leave most of the zoom empty; it is still in the legend
+        _fit_y(ax, visible + ([[target]] if target is not None and _near(target, visible) else []))
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel("validation loss")
     ax.set_title(title or f"validation loss vs {AXIS_LABELS.get(x, x)}")
@@ -112,6 +160,46 @@ def plot_layer_lambdas(final: pd.DataFrame, streams=None, ylabel: str = "lambda"
     return fig
 
 
+def mixed_sign_layers(final: pd.DataFrame) -> dict[str, list[int]]:
+    """{stream: layers} where the runs of `final` (stats.final_lambdas, one variant) disagree on the sign."""
+    out = {}
+    for stream, group in final.groupby("stream", sort=False):
+        values = group.groupby("layer")["value"]
+        layers = [int(layer) for layer, v in values if (v > 0).any() and (v < 0).any()]
+        if layers:
+            out[str(stream)] = layers
+    return out
+
+
+def plot_layer_lambdas_runs(final: pd.DataFrame, streams=None, ylabel: str = "lambda", ax=None,
+                            title: str | None = None) -> Figure:
+    """Per-layer values of each stream, one line per run (no mean: where seeds disagree on the sign, a mean near
+    zero with wide bars says less than the lines). The title names the layers whose signs differ across runs."""
+    fig, ax = _figure(ax, size=(10, 5))
+    if streams is None:
+        streams = sorted((s for s in pd.unique(final["stream"]) if is_mixing_stream(s)), key=lambda s: (s != "x", s))
+    streams = list(streams)
+    data = final[final["stream"].isin(streams)]
+    colors = _palette(streams)
+    for stream in streams:
+        for i, (_, run) in enumerate(data[data["stream"] == stream].groupby("run", sort=False)):
+            run = run.sort_values("layer")
+            ax.plot(run["layer"], run["value"], color=colors[stream], alpha=0.5, linewidth=1, marker=".",
+                    label=stream if i == 0 else None)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    mixed = mixed_sign_layers(data)
+    n_runs = data["run"].nunique()
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    signs = "; ".join(f"{s} at layer(s) {','.join(map(str, layers))}" for s, layers in mixed.items()) or "nowhere"
+    ax.set_title((title or f"{ylabel} per layer, one line per run ({n_runs} runs)")
+                 + f"\nsigns differ across runs: {signs}", fontsize="medium")
+    ax.grid(alpha=0.3)
+    if len(data):
+        ax.legend(fontsize="small")
+    return fig
+
+
 def plot_lambda_trajectories(lam: pd.DataFrame, stream: str, ax=None, title: str | None = None) -> Figure:
     """One stream's lambda at every layer over training (mean over the table's runs), one line per layer."""
     fig, ax = _figure(ax)
@@ -136,8 +224,9 @@ def plot_lambda_trajectories(lam: pd.DataFrame, stream: str, ax=None, title: str
 
 
 def save(fig: Figure, path) -> Path:
-    """Write fig as PNG at path (folders created, `.png` added when there is no suffix); returns the path."""
-    path = Path(path)
+    """Write fig as PNG at path (relative: as runs.from_root, the same from nbs/ as from the root; folders
+    created, `.png` added when there is no suffix); returns the path."""
+    path = Path(from_root(path))
     if not path.suffix:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +236,9 @@ def save(fig: Figure, path) -> Path:
 
 
 def save_table(table, path) -> Path:
-    """Write a DataFrame as markdown at path and as CSV beside it, or a ready string as is; returns the path."""
-    path = Path(path)
+    """Write a DataFrame as markdown at path (relative: as runs.from_root) and as CSV beside it, or a
+    ready string as is; returns the path."""
+    path = Path(from_root(path))
     if not path.suffix:
         path = path.with_suffix(".md")
     path.parent.mkdir(parents=True, exist_ok=True)

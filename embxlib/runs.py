@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import threading
 import warnings
 from itertools import compress
 from pathlib import Path
@@ -24,14 +25,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import ROOT
 from .runfolder import parse_jsonl
 
 VAL_COLUMNS = ["run", "variant", "step", "train_time_s", "val_loss", "source"]
+TRAIN_COLUMNS = ["run", "variant", "step", "train_time_s", "train_loss", "source"]
+# config.json fields that may differ between runs pooled under one variant: the seed, labels, and what does not
+# change the losses (checkpoint cadence, untimed warm-up steps whose state is restored)
+POOLABLE_FIELDS = frozenset({"seed", "name", "preset", "save_every", "warmup_steps"})
 LAMBDA_COLUMNS = ["run", "variant", "step", "stream", "layer", "value", "source"]
 
 
 class ParseWarning(UserWarning):
     """A line or file that could not be read and was skipped."""
+
+
+class PoolWarning(UserWarning):
+    """Runs pooled under one variant differ in settings that change what their losses mean (pool=True)."""
 
 
 _FIELD = re.compile(r"(\w+):(\[[^\]]*\]|\S+)")  # key:value, where a value may be a [list, of, floats]
@@ -52,7 +62,12 @@ _STEP_IN_HEADING = re.compile(r"step:\d+/\d+")  # the published 00004 file has `
 _REPEAT_SUFFIX = re.compile(r"[\s-]+\d+$")  # `0-3`, `61 3`, `999-record-2`: the trailing repeat index
 
 
+_QUIET = threading.local()  # a thread that reads runs while they are written (explore.LiveView) sets .on
+
+
 def _warn(message: str) -> None:
+    if getattr(_QUIET, "on", False):  # a missing file or a torn line of a run being written is expected there
+        return
     warnings.warn(message, ParseWarning, stacklevel=3)
 
 
@@ -253,7 +268,7 @@ def parse_log(path, with_lambdas: bool = True) -> tuple[pd.DataFrame, pd.DataFra
     `*.md` files are read as published results (each `##` heading starts a run, its variant is the name
     without the repeat index); any other file as an upstream log (run = file stem, variant = folder name).
     """
-    path = Path(path)
+    path = Path(from_root(path))
     markdown = path.suffix.lower() == ".md"
     runs = _parse_text(_read_text(path), str(path), sections=markdown, default_name=path.stem)
     names = _run_names(runs)
@@ -326,7 +341,7 @@ def _per_layer(values) -> list[float]:
 
 def parse_run_folder(folder, with_lambdas: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Validation points and per-layer lambdas (plus the residual norms as stream "norm") of one embxlib run."""
-    folder = Path(folder)
+    folder = Path(from_root(folder))
     config = _read_json_file(folder / "config.json") if (folder / "config.json").is_file() else {}
     variant = str(config.get("name") or folder.name)
     run = _Run(folder.name)
@@ -414,6 +429,16 @@ def _glob(pattern: str) -> list[Path]:
     return keep
 
 
+def from_root(path) -> str:
+    """A relative path (or glob) means the same from a notebook in nbs/ (where JupyterLab runs its kernel) as from
+    the repository root: there it is taken from the root. Anywhere else it is relative to the working folder, as
+    usual (the root itself, or the root blog.render runs a post in); an absolute path is kept as it is."""
+    text = str(path)
+    if not os.path.isabs(text) and Path.cwd().resolve() == (ROOT / "nbs").resolve():
+        return str(ROOT / text)
+    return text
+
+
 def _expand(paths) -> list[Path]:
     """Files and run folders named by paths, globs and directories, each once, in the order given. A folder that
     cannot be read is warned about and skipped, never fatal."""
@@ -421,7 +446,7 @@ def _expand(paths) -> list[Path]:
         paths = [paths]
     found: list[Path] = []
     for pattern in paths:
-        matches = _glob(str(pattern))
+        matches = _glob(from_root(pattern))
         if not matches:
             _warn(f"{pattern}: no such file, folder or match")
         for match in matches:
@@ -442,7 +467,7 @@ def _expand(paths) -> list[Path]:
     return list(unique.values())
 
 
-def _load(paths, with_lambdas: bool, require: bool = False):
+def _load(paths, with_lambdas: bool, require: bool = False, pool: bool = False):
     vals, lambdas, found = [], [], _expand(paths)
     for path in found:
         parse = parse_run_folder if path.is_dir() else parse_log
@@ -463,10 +488,55 @@ def _load(paths, with_lambdas: bool, require: bool = False):
         raise ValueError(f"no validation points in any input ({len(found)} file(s) or run folder(s) found for "
                          f"{given}); the warnings above say what each input lacks")
     val_table = _disambiguate(pd.concat(vals, ignore_index=True) if vals else _frames([], [], [], "", False)[0])
+    check_pooling(val_table, pool)
     if not with_lambdas:
         return val_table, None
     lam_table = pd.concat(lambdas, ignore_index=True) if lambdas else _lambda_frame([], "")
     return val_table, _disambiguate(lam_table)
+
+
+def pooling_conflicts(table: pd.DataFrame) -> dict[str, dict[str, dict]]:
+    """{variant: {field: {value: [sources]}}} for the config.json fields (all but POOLABLE_FIELDS) in which run
+    folders loaded under one variant differ. Logs and published results carry no config and are not compared."""
+    out: dict[str, dict[str, dict]] = {}
+    for variant, sources in table.groupby("variant", sort=False)["source"]:
+        configs = {src: _read_json_file(Path(src) / "config.json") for src in pd.unique(sources)
+                   if (Path(src) / "config.json").is_file()}
+        if len(configs) < 2:
+            continue
+        fields = sorted(set().union(*configs.values()) - POOLABLE_FIELDS)
+        for field in fields:
+            values: dict = {}
+            for src, cfg in configs.items():
+                values.setdefault(json.dumps(cfg.get(field), sort_keys=True), []).append(src)
+            if len(values) > 1:
+                out.setdefault(str(variant), {})[field] = values
+    return out
+
+
+def _describe_conflicts(conflicts: dict) -> str:
+    parts = []
+    for variant, fields in conflicts.items():
+        shown = []
+        for field, values in fields.items():
+            shown.append(f"{field} (" + ", ".join(f"{v} in {len(srcs)} run(s), e.g. {srcs[0]}"
+                                                 for v, srcs in values.items()) + ")")
+        parts.append(f"variant {variant!r} pools runs that differ in " + "; ".join(shown))
+    return "; ".join(parts)
+
+
+def check_pooling(table: pd.DataFrame, pool: bool = False) -> None:
+    """Runs averaged as one variant must share their comparison settings (validation tokens, shuffling, steps,
+    batch, learning rates, data...): raise ValueError naming the fields that differ, or with pool=True warn."""
+    conflicts = pooling_conflicts(table)
+    if not conflicts:
+        return
+    message = _describe_conflicts(conflicts)
+    if pool:
+        warnings.warn(message + " (pooled anyway: pool=True)", PoolWarning, stacklevel=4)
+        return
+    raise ValueError(message + ". Load them apart, relabel one set (analysis.load's variants, or runs.select), "
+                     "or pass pool=True to pool them anyway")
 
 
 def _warn_non_finite(vals: pd.DataFrame, path: Path) -> None:
@@ -491,24 +561,70 @@ def _disambiguate(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def load_runs(paths, require: bool = True) -> pd.DataFrame:
+def load_runs(paths, require: bool = True, pool: bool = False) -> pd.DataFrame:
     """One tidy table of validation points (run, variant, step, train_time_s, val_loss, source).
 
-    paths: run folders, upstream logs, published results markdown, folders of them, and globs of any of these.
+    paths: run folders, upstream logs, published results markdown, folders of them, and globs of any of these;
+    relative ones from the repository root (also from a notebook in nbs/).
     Run names are unique in the result: a name found in several sources is prefixed with `<folder>/<stem>:`.
     When no input gives a single point it raises ValueError (a figure of nothing is a wrong path, not a result);
-    require=False returns the empty table instead.
+    require=False returns the empty table instead. Run folders of one variant whose config.json differ in more
+    than the seed and labels (POOLABLE_FIELDS) raise ValueError naming the fields; pool=True pools them with a
+    PoolWarning.
     """
-    return _load(paths, with_lambdas=False, require=require)[0]
+    return _load(paths, with_lambdas=False, require=require, pool=pool)[0]
 
 
-def load_lambdas(paths) -> pd.DataFrame:
-    """Per-layer lambdas (run, variant, step, stream, layer, value, source) from the same inputs as load_runs.
+_TRAIN_LINE = re.compile(r"^step:(\d{1,18})/(\d{1,18}) train_loss:(\S+) train_time:(\d+(?:\.\d+)?)ms step_avg:\S+ms\n",
+                         re.M | re.ASCII)
+
+
+def parse_train_log(path) -> pd.DataFrame:
+    """(step, train_time_s, train_loss) of every complete training-step line of one log.txt, in step order.
+
+    Only whole lines count (a line still being written, or torn by a crash, is left out); a step logged twice (a
+    resume repeats the steps after its checkpoint) keeps its last line. Upstream's step lines carry no
+    train_loss: an upstream log gives an empty table."""
+    text = _read_text(Path(from_root(path))).replace("\r\n", "\n")
+    rows = _TRAIN_LINE.findall(text)
+    table = pd.DataFrame({"step": np.array([r[0] for r in rows], dtype=np.int64),
+                          "train_time_s": np.array([r[3] for r in rows], dtype=np.float64) / 1000.0,
+                          "train_loss": pd.to_numeric(pd.Series([r[2] for r in rows], dtype=object), errors="coerce")
+                          .astype(np.float64).to_numpy()})
+    return table.drop_duplicates("step", keep="last").sort_values("step", kind="stable").reset_index(drop=True)
+
+
+def load_train_loss(paths) -> pd.DataFrame:
+    """Training loss at every step, beside load_runs' validation points: one tidy table (run, variant, step,
+    train_time_s, train_loss, source) from the log.txt of the run folders among paths (as load_runs expands and
+    names them). Upstream logs and published results have no per-step train loss and add no rows."""
+    frames = []
+    for path in _expand(paths):
+        log = path / "log.txt" if path.is_dir() else path
+        if not (path.is_dir() and log.is_file()):
+            continue
+        config = _read_json_file(path / "config.json") if (path / "config.json").is_file() else {}
+        table = parse_train_log(log)
+        if table.empty:
+            continue
+        table.insert(0, "run", path.name)
+        table.insert(1, "variant", str(config.get("name") or path.name))
+        table["source"] = str(path)
+        frames.append(table)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c == "step" else "float64" if c in (
+            "train_time_s", "train_loss") else "str") for c in TRAIN_COLUMNS})
+    return _disambiguate(pd.concat(frames, ignore_index=True)[TRAIN_COLUMNS])
+
+
+def load_lambdas(paths, pool: bool = False) -> pd.DataFrame:
+    """Per-layer lambdas (run, variant, step, stream, layer, value, source) from the same inputs as load_runs
+    (pool as there).
 
     Streams are named as logged: x, x00, x01, ... (input mixing), v, ve (value mixing), skip/unet; our runs also
     give "norm", the RMS norm of the residual entering each layer.
     """
-    return _load(paths, with_lambdas=True)[1]
+    return _load(paths, with_lambdas=True, pool=pool)[1]
 
 
 def run_settings(paths) -> pd.DataFrame:
@@ -550,7 +666,7 @@ def load_predictions(path) -> dict:
     The file is Python literals (`name={...}` per line); read with ast.literal_eval, never eval.
     """
     found = {}
-    for line in _read_text(Path(path)).split("\n"):
+    for line in _read_text(Path(from_root(path))).split("\n"):
         name, sep, literal = line.partition("=")
         if sep and name.strip() in ("tokens", "predictions", "x_norms"):
             found[name.strip()] = ast.literal_eval(literal.strip())

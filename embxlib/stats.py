@@ -29,7 +29,7 @@ def describe(values, ddof: int = 0) -> dict:
     return {
         "mean": float(np.mean(x)),
         "median": float(np.median(x)),
-        "std": float(np.std(x, ddof=ddof)),
+        "std": float(np.std(x, ddof=ddof)) if len(x) > ddof else float("nan"),
         "min": float(np.min(x)),
         "max": float(np.max(x)),
     }
@@ -100,8 +100,12 @@ def pooled_sd(*groups) -> float:
     return float(np.sqrt(sum((len(g) - 1) * g.var(ddof=1) for g in groups) / dof))
 
 
-def final_stats(df: pd.DataFrame, threshold: float = 2.92, alpha: float = 0.05, baseline: str | None = None):
+def final_stats(df: pd.DataFrame, threshold: float = 2.92, alpha: float = 0.05, baseline: str | None = None,
+                ddof: int = 0):
     """Per variant: final loss and time summaries, the record t-test and (given a baseline) Welch's p-value.
+
+    The std columns use ddof (0: the seed posts' "Std"; 1: the sample standard deviation, as the t-tests, the
+    bands of average_runs and compare_to_baseline); the column std_ddof says which.
 
     Runs whose final loss is not finite (diverged) are counted in n_nonfinite and left out of the statistics,
     which a single NaN would otherwise turn into NaN.
@@ -112,10 +116,10 @@ def final_stats(df: pd.DataFrame, threshold: float = 2.92, alpha: float = 0.05, 
     rows = []
     for variant, group in finals.groupby("variant", sort=False):
         good = group[group["finite"]]
-        row = {"variant": variant, "n": len(good), "n_nonfinite": len(group) - len(good)}
+        row = {"variant": variant, "n": len(good), "n_nonfinite": len(group) - len(good), "std_ddof": ddof}
         if len(good):
-            row.update({f"loss_{k}": v for k, v in describe(good["val_loss"]).items()})
-            row.update({f"time_s_{k}": v for k, v in describe(good["train_time_s"]).items()})
+            row.update({f"loss_{k}": v for k, v in describe(good["val_loss"], ddof).items()})
+            row.update({f"time_s_{k}": v for k, v in describe(good["train_time_s"], ddof).items()})
         if len(good) > 1:
             test = record_ttest(good["val_loss"], threshold, alpha)
             row.update(p_value=test["p_value"], upper_conf_bound_mean=test["upper_conf_bound_mean"],

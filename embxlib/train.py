@@ -662,7 +662,14 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     def step_fn(step_idx, batches):
         return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum)
 
-    if cfg.warmup_steps and not args.resume:  # let torch.compile see every shape, then forget the steps
+    if cfg.compile:  # minutes on a CPU before the first step line: say what is happening
+        warm = cfg.warmup_steps and not args.resume
+        log.line("# compiling the model (torch.compile)"
+                 + (f" and warming up: {cfg.warmup_steps} untimed step{'s' * (cfg.warmup_steps != 1)} on random "
+                    "tokens" if warm else "")
+                 + "; the first validation compiles its own graph; on a CPU this takes minutes before the first step")
+    # without compile there is nothing to warm up: the steps would only cost time
+    if cfg.compile and cfg.warmup_steps and not args.resume:  # let torch.compile see every shape, then forget them
         state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict()))
         for i in range(cfg.warmup_steps):
             # contiguous like the stream's batches: a slice's strides would make the first real step recompile

@@ -16,7 +16,7 @@ from embxlib import analysis
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "analyze_runs.ipynb"
 PARAMETERS = {"inputs", "variants", "baseline", "target", "step_zooms", "time_zooms", "rank_window", "band",
-              "lambda_variant", "norms", "predictions", "out_dir"}
+              "lambda_variant", "norms", "predictions", "out_dir", "pool"}
 X0 = dict(inputs=["published/snimu-experiments/00004-x0/results.md"],
           variants={"999": "x00 (baseline)", "0": "x01", "1": "x02", "2": "x03", "3": "x04"},
           baseline="x00 (baseline)", target=2.92, step_zooms=[[5500, 6000]], time_zooms=[[1400, 1550]],

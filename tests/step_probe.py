@@ -63,8 +63,9 @@ class Lines:
 
 
 def main(data_dir: str, out: str) -> None:
+    precision = os.environ.get("PROBE_PRECISION", "fp32")  # (fp32: the same step, fast on a CPU without bf16 units)
     cfg = tiny(train_seq_len=128, train_batch_tokens=1024, window_max=128, compile=False, warmup_steps=0,
-               muon_momentum_warmup_steps=10, data_dir=data_dir)
+               muon_momentum_warmup_steps=10, data_dir=data_dir, precision=precision)
     device = torch.device("cpu")
     D = train.Dist(device)
     accum = cfg.grad_accum_steps(D.world)
@@ -87,7 +88,7 @@ def main(data_dir: str, out: str) -> None:
     state = [t for st in muon.state.values() for t in st.values()]
     own = muon.owned()
     result.update(world=D.world, rank=D.rank, muon_state_bytes=sum(t.numel() * t.element_size() for t in state),
-                  owned_bytes=sum(p.numel() * (4 + 2) for p in own), owned=len(own), lines=lines.log.lines)
+                  owned_bytes=sum(p.numel() * (4 + 2 * (p.dtype == torch.bfloat16)) for p in own), owned=len(own), lines=lines.log.lines)
     Path(out, f"rank{D.rank}.json").write_text(json.dumps(result))
     D.close()
 

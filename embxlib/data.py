@@ -65,6 +65,18 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
+def read_tokens(path: str | Path, start: int, out: np.ndarray) -> None:
+    """Fill out (uint16) with the shard's tokens from position start, read from the file rather than memory-mapped:
+    a shard truncated or replaced under a running trainer then fails as an error naming it, where a memory map
+    kills the process with SIGBUS (no summary, no log line)."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(HEADER_INTS * 4 + 2 * start)
+        got = f.readinto(memoryview(out).cast("B"))
+    if got != out.nbytes:
+        raise ShardError(f"{path}: {got // 2} of the {out.size} tokens from position {start} could be read: the file "
+                         f"is shorter than when training started (truncated or replaced under the run?)")
+
+
 def check_shards(files: list[str], vocab_size: int) -> None:
     """Every shard's header, and every token id < vocab_size, before a run starts: otherwise a bad shard is found
     only when the stream reaches it, hours in, and a bad id as an IndexError deep in the embedding."""
@@ -190,7 +202,7 @@ class TokenStream:
         if not self.slots:
             raise DataExhausted(f"no shard of {files} holds one batch of {self.batch:,} tokens + 1")
         self.epoch, self.cursor, self.micro = 0, 0, 0
-        self._order = self._shards = None
+        self._order = None
 
     def _slot(self) -> tuple[int, int]:
         if self._order is None:
@@ -198,11 +210,6 @@ class TokenStream:
             self._order = (np.arange(n) if self.order_seed is None
                            else np.random.default_rng([self.order_seed, self.epoch]).permutation(n))
         return self.slots[self._order[self.cursor]]
-
-    def _tokens(self, shard: int) -> np.ndarray:
-        if self._shards is None or self._shards[0] != shard:
-            self._shards = (shard, read_shard(self.files[shard]))
-        return self._shards[1]
 
     def next(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         if self.cursor == len(self.slots):
@@ -213,17 +220,15 @@ class TokenStream:
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
         shard, pos = self._slot()
         start = pos + (self.micro * self.world_size + self.rank) * self.seq_len
-        window = self._tokens(shard)[start: start + self.seq_len + 1]
         self.micro += 1
         if self.micro == self.accum:
             self.micro, self.cursor = 0, self.cursor + 1
         device = torch.device(device)
-        if device.type == "cuda":  # as upstream: uint16 from pinned memory, copied without a sync, cast on the device
-            buf = torch.empty(len(window), dtype=torch.uint16, pin_memory=True)  # (the caching host allocator keeps
-            buf.numpy()[:] = window  # a pinned buffer until its copy has run)
-            buf = buf.to(device, non_blocking=True)
-        else:
-            buf = torch.from_numpy(np.array(window))
+        # as upstream: uint16 read into pinned memory, copied without a sync, cast on the device (the caching host
+        # allocator keeps a pinned buffer until its copy has run)
+        buf = torch.empty(self.seq_len + 1, dtype=torch.uint16, pin_memory=device.type == "cuda")
+        read_tokens(self.files[shard], start, buf.numpy())
+        buf = buf.to(device, non_blocking=True)
         return buf[:-1].to(torch.int32)[None], buf[1:].to(torch.int64)[None]
 
     def state_dict(self) -> dict:

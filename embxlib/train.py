@@ -128,6 +128,9 @@ def config_differences(found: dict, wanted: dict, found_as: str = "in the folder
     def norm(v):
         return list(v) if isinstance(v, (list, tuple)) else v
     missing = "(missing)"
+    # a field added since a config was written has its default there: that run trained as the default says
+    defaults = {k: f.default for k, f in Config.__dataclass_fields__.items()}
+    found, wanted = {**defaults, **found}, {**defaults, **wanted}
     return [f"{k} {found.get(k, missing)!r} {found_as}, {wanted.get(k, missing)!r} {wanted_as}"
             for k in Config.__dataclass_fields__ if norm(wanted.get(k, missing)) != norm(found.get(k, missing))]
 

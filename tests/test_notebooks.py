@@ -30,7 +30,7 @@ def fast_params(corpus) -> dict:
             out[name[3:]] = False
         else:
             value = next(words)
-            out[name] = value if name == "preset" else int(value)
+            out[name] = value if name in ("preset", "precision") else int(value)
     return {**out, "data_dir": str(corpus)}
 
 

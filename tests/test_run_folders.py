@@ -303,8 +303,8 @@ def test_a_folder_is_reused_only_for_the_same_config(corpus, tmp_path):
     with pytest.raises(ValueError) as err:
         launch.launch({**fast_params(corpus), "extra_embeds": 1, "num_iterations": 12, "embed_lr": 0.5},
                       run_name="x", runs_root=str(tmp_path / "runs"), resume=True, nproc_per_node=1, progress=False)
-    assert (f"run_name='x': {run} holds a run with another config: name 'x00-ve2' in its config.json, 'x01-ve2' "
-            f"requested; extra_embeds 0 in its config.json, 1 requested; num_iterations 4 in its config.json, 12 "
+    assert (f"run_name='x': {run} holds a run with another config: name 'x00-ve2-fp32' in its config.json, "
+            f"'x01-ve2-fp32' requested; extra_embeds 0 in its config.json, 1 requested; num_iterations 4 in its config.json, 12 "
             f"requested; embed_lr 0.3 in its config.json, 0.5 requested") in str(err.value)
     assert sorted(p.name for p in run.iterdir()) == before  # nothing started, nothing written
 

@@ -13,11 +13,11 @@ logits' gradient and its transposed copy for the head's weight gradient (the for
 (vocab, tokens) layout). Not modelled: fused kernels' workspace, the allocator's rounding and fragmentation, and
 the other parameters' gradients, which the backward creates as it frees activations.
 
-device_type="cuda" in `estimate` follows the GPU path eagerly: FlexAttention, whose kernel the tracker cannot trace, is stood in for by a
-causal SDPA that keeps the same tensors for backward (q, k, v, output, log-sum-exp); the loss is the autograd graph
-eager PyTorch would keep (logits, soft-cap, log-softmax), so with torch.compile, which fuses the soft-cap and the
-cross-entropy, the real training peak is lower. device_type="cpu" is the CPU path exactly (dense SDPA masks,
-the chunked HeadLoss), which the tests hold against a real run.
+device_type="cuda" in `estimate` follows the GPU path eagerly: FlexAttention, whose kernel the tracker cannot trace,
+is stood in for by a causal SDPA that keeps the same tensors for backward (q, k, v, output, log-sum-exp); the loss
+is the autograd graph eager PyTorch would keep (logits, soft-cap, log-softmax), so with torch.compile, which fuses
+the soft-cap and the cross-entropy, the real training peak is lower. device_type="cpu" is the CPU path exactly
+(dense SDPA masks, the chunked HeadLoss), which the tests hold against a real run.
 """
 from __future__ import annotations
 
@@ -149,6 +149,9 @@ def saved_bytes_per_token(cfg: Config, tokens: int = SAVED_TOKENS) -> float:
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch.multiprocessing.reductions import StorageWeakRef
+    key = f"{cfg.to_json()}:{tokens}"
+    if key in _SAVED:
+        return _SAVED[key]
     found = {}
 
     def forward_graph(gm, example_inputs):
@@ -162,9 +165,6 @@ def saved_bytes_per_token(cfg: Config, tokens: int = SAVED_TOKENS) -> float:
         found["bytes"] = sum(saved.values())
         raise _Partitioned
 
-    key = f"{cfg.to_json()}:{tokens}"
-    if key in _SAVED:
-        return _SAVED[key]
     partition = partial(min_cut_rematerialization_partition, compiler="inductor")
     backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=forward_graph, partition_fn=partition)
     with torch.device("meta"):

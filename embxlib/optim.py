@@ -59,8 +59,8 @@ def muon_update(weights: list[Tensor], mantissas: list[Tensor | None], bufs: lis
     m buf + (1 - m) g, the Nesterov direction m buf + (1 - m) g is orthogonalised (all of them in one batched
     Newton-Schulz: bit for bit one call per matrix, fewer calls), then the fp32 master (a bf16 weight and its 16-bit
     mantissa, or an fp32 weight) is decayed and stepped by lr. momentum, lr and decay (lr * weight decay) are 0-d
-    float64 tensors on the CPU (upstream's _as_tensor_fullprec), so that a compiled update never recompiles as the schedules move them and never
-    copies them to the device."""
+    float64 tensors on the CPU (upstream's _as_tensor_fullprec), so that a compiled update never recompiles as the
+    schedules move them and never copies them to the device."""
     directions = []
     for buf, g in zip(bufs, grads):
         g = g.float()

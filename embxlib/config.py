@@ -19,8 +19,9 @@ from pathlib import Path
 from .runfolder import check_folder_name
 
 # fields that take one of a few values: the CLI offers them as choices, validate() enforces them
-CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "precision": ("bf16", "fp32"),
-           "device": ("auto", "cpu", "cuda"), "attention": ("auto", "flex", "sdpa")}
+CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "ve_gates": ("off", "x", "x_ve"), "precision": ("bf16", "fp32"),
+           "device": ("auto", "cpu", "cuda"), "attention": ("auto", "flex", "sdpa"), "fused_loss": ("auto", "on", "off"),
+           "sparse_table_grads": ("auto", "on", "off")}
 
 # FlexAttention on CUDA: the block size must be a multiple of every tile of torch inductor's default kernel configs
 # on sm80/sm90/sm100 (bf16 and fp32, head_dim <= 256): on sm90 bf16 head_dim 64 they are 128x128 forward and
@@ -67,6 +68,11 @@ class Config:
     ve_remove: tuple[int, ...] = ()  # layers whose value embedding is removed (a table no layer uses is dropped)
     ve_layers: tuple[int, ...] = ()  # explicit per-layer table index (-1: none), length num_layers; overrides layout
     token_lambdas: str = ""  # per-token lambda embeddings (vocab, 1) per layer on this stream (x00, x01, ...); empty: off
+    ve_init_std: float = 1.0  # value-embedding tables start N(0, std^2) (nn.Embedding's 1; the 2026-02-03 VeTuned record 0.01)
+    ve_gates: str = "off"  # value embedding times a per-head gate 2 sigmoid(W g): g = norm(x)[:ve_gate_dim] (x), or its first half and ve's (x_ve)
+    ve_gate_dim: int = 16  # channels the value-embedding gate reads (upstream medium record 18: 16; VeTuned: 6 + 6)
+    bigram_embeds: int = 0  # 1: a bigram hash embedding, zero-init, added un-normed before every block with lambdas from 0.1
+    bigram_vocab_mult: int = 5  # rows of the bigram hash table in multiples of the padded vocabulary (upstream 5 x 50,304)
 
     # --- optimisation (upstream section 2) ---
     num_iterations: int = 200  # training steps
@@ -77,6 +83,7 @@ class Config:
     head_lr: float = 0.003125  # Adam lr of the LM head (upstream 1/320)
     scalar_lr: float = 0.015  # Adam lr of the per-layer lambdas and skip weights
     token_lambda_lr: float = 0.3  # Adam lr of the per-token lambda embeddings (they sit in the embedding group)
+    bigram_lr: float = 0.3  # Adam lr of the bigram hash table (its own group; upstream gives it the value embeddings' settings)
     adam_beta1: float = 0.8  # Adam beta1 for all Adam groups
     adam_beta2: float = 0.95  # Adam beta2 for all Adam groups
     adam_eps: float = 1e-10  # Adam epsilon
@@ -104,6 +111,8 @@ class Config:
     warmup_steps: int = 2  # untimed steps on random tokens before training, then the state is restored (compile)
     device: str = "auto"  # auto (cuda if available), cuda or cpu
     attention: str = "auto"  # auto (flex on cuda, sdpa on cpu), flex or sdpa
+    fused_loss: str = "auto"  # training loss as model.HeadLoss (on) or the autograd graph torch.compile fuses (off); auto: on on cpu
+    sparse_table_grads: str = "auto"  # table gradients of only the looked-up rows (model.SparseRowsGrad); auto: on cpu when training
 
     # ----------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -135,14 +144,6 @@ class Config:
     @property
     def skip_pairs(self) -> list[tuple[int, int]]:
         return list(zip(self.skip_map[0::2], self.skip_map[1::2]))
-
-    @property
-    def num_lambdas(self) -> int:  # per layer: x, x00, x01..x0N
-        return 2 + self.extra_embeds
-
-    @property
-    def num_scalars(self) -> int:  # skip weights (L) + block lambdas (L * (2+N)) + SA lambdas (L * 2), as upstream
-        return self.num_layers * (1 + self.num_lambdas + 2)
 
     def ve_map(self) -> list[int | None]:
         """Value-embedding table of each layer (None: no value embedding), after layout, shift and removal.
@@ -200,7 +201,8 @@ class Config:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f.name, "must be a finite number")
-        for name in ("embed_lr", "head_lr", "scalar_lr", "token_lambda_lr", "muon_lr", "muon_weight_decay", "adam_eps"):
+        for name in ("embed_lr", "head_lr", "scalar_lr", "token_lambda_lr", "bigram_lr", "muon_lr", "muon_weight_decay",
+                     "adam_eps", "ve_init_std"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0 (torch's optimizers refuse a negative value)")
         for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
@@ -212,7 +214,7 @@ class Config:
                                            if name == "logit_softcap" else ""))
         for name in ("num_layers", "model_dim", "num_heads", "head_dim", "mlp_dim", "num_iterations", "train_batch_tokens",
                      "train_seq_len", "val_tokens", "val_seq_len", "val_loss_every", "window_max", "attn_block_size",
-                     "vocab_size", "ve_span"):
+                     "vocab_size", "ve_span", "bigram_vocab_mult"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("extra_embeds", "value_embeds", "save_every", "warmup_steps", "ve_shift", "muon_momentum_warmup_steps"):
@@ -254,6 +256,12 @@ class Config:
         for i in self.ve_remove:
             if not 0 <= i < L:
                 bad("ve_remove", f"layer {i} does not exist; allowed 0..{L - 1}")
+        if self.bigram_embeds not in (0, 1):
+            bad("bigram_embeds", "allowed: 0 (off) or 1 (one bigram hash table, as upstream)")
+        if self.ve_gates != "off" and not 2 <= self.ve_gate_dim <= self.model_dim:
+            bad("ve_gate_dim", f"the gate reads 2..model_dim={self.model_dim} channels")
+        if self.ve_gates == "x_ve" and self.ve_gate_dim % 2:
+            bad("ve_gate_dim", "x_ve gates read half their channels from x and half from ve: must be even")
         if self.token_lambdas:
             allowed = [f"x0{k}" for k in range(self.extra_embeds + 1)]
             if self.token_lambdas not in allowed:
@@ -326,8 +334,13 @@ def next_multiple(v: float, n: int) -> int:
     return k * n
 
 
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
 def variant_name(cfg: Config) -> str:
-    """Short label of the embedding variant, e.g. 'x00-ve3' (Record 8), 'x01-ve5' (x01 record), 'x02-ve2-tlx00'.
+    """Short label of the embedding variant, e.g. 'x00-ve3' (Record 8), 'x01-ve5' (x01 record), 'x02-ve2-tlx00',
+    'x01-ve5-gatex-bigram'. tests/test_config.py checks that every field of the embedding-variant section of Config
+    changes it.
     It says what is built: value embeddings that no layer uses are not counted (ve0), and attention-free layers
     other than the preset's are named, so two different models never share a label."""
     parts = [f"x0{cfg.extra_embeds}"]
@@ -345,12 +358,18 @@ def variant_name(cfg: Config) -> str:
             parts.append(f"shift{cfg.ve_shift}")
         if cfg.ve_remove:
             parts.append("rm" + "-".join(map(str, cfg.ve_remove)))
-        if cfg.ve_layers:
-            parts.append("velayers")
+        if cfg.ve_layers:  # each layer's table as one character, x for none: the layout itself, not just "explicit"
+            parts.append("velayers" + "".join("x" if t < 0 else _DIGITS[t % 36] for t in cfg.ve_layers))
+        if cfg.ve_init_std != 1.0:
+            parts.append(f"veinit{cfg.ve_init_std:g}")
+        if cfg.ve_gates != "off":
+            parts.append("gate" + cfg.ve_gates.replace("_", "") + (str(cfg.ve_gate_dim) if cfg.ve_gate_dim != 16 else ""))
     if cfg.preset in PRESETS and cfg.no_attn_layers != PRESETS[cfg.preset](name=cfg.preset).no_attn_layers:
         parts.append("noattn" + "-".join(map(str, cfg.no_attn_layers)))
     if cfg.token_lambdas:
         parts.append(f"tl{cfg.token_lambdas}")
+    if cfg.bigram_embeds:
+        parts.append("bigram" + (str(cfg.bigram_vocab_mult) if cfg.bigram_vocab_mult != 5 else ""))
     if cfg.precision != "bf16":
         parts.append(cfg.precision)
     return "-".join(parts)

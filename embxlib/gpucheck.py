@@ -200,8 +200,9 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
     res["val_loss_start"] = float(vals[0]) if vals else None
     if device == "cuda" and ms:
         from .model import count_params
+        from .streams import table_params
         c = medium_x01()
-        dense = count_params(c) - c.vocab_size * c.model_dim * (1 + c.extra_embeds + c.num_ve_tables)  # no gathers
+        dense = count_params(c) - table_params(c)  # the looked-up tables do no matmul
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
         res["mfu"] = 6 * dense * tokens / (ms / 1000) / peak if peak else None  # matmul FLOPs only: a lower bound
         up = ms_per_step(step_times(UPSTREAM_X01_LOG), first=first, last=max(times))

@@ -1,7 +1,8 @@
 """Logit lens: what each component of a trained model predicts when read through the LM head.
 
 Components, as in snimu's 00004 predictions: x-i (the residual entering block i, un-normed), x-out (the normed
-final residual), x00..x0N (the normed input embeddings) and ve0.. (the raw value embeddings), each sent through
+final residual), x00..x0N (the normed input embeddings), bigram (the bigram hash rows) and ve0.. (the raw value
+embeddings): the streams of streams.streams, each sent through
 the LM head and the soft-cap; probabilities by softmax over the padded vocabulary.
 """
 from __future__ import annotations
@@ -62,5 +63,4 @@ def logit_lens(model: GPT | str | Path, text: str, components=None, positions: i
 
 def _component_order(model: GPT) -> list[str]:
     L = model.cfg.num_layers
-    return ([f"x-{i}" for i in range(L)] + ["x-out"] + [f"x0{k}" for k in range(model.K)]
-            + [f"ve{t}" for t in range(model.num_ve)])
+    return [f"x-{i}" for i in range(L)] + ["x-out"] + [s.name for s in model.streams]

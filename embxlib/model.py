@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import streams as spec
 from .config import EOT_TOKEN, Config, next_multiple
 
 try:  # FlexAttention: forward runs everywhere, backward only on CUDA
@@ -145,7 +146,7 @@ def init_linear(w: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, rotary: Rotary):
+    def __init__(self, cfg: Config, rotary: Rotary, gated: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = cfg.num_heads, cfg.head_dim, cfg.attn_scale
         self.qkvo_w = nn.Parameter(torch.empty(4, cfg.model_dim, cfg.model_dim))  # q, k, v, out: one Muon tensor
@@ -153,15 +154,32 @@ class Attention(nn.Module):
         with torch.no_grad():
             self.qkvo_w[3].zero_()
         self.rotary = rotary
+        # value-embedding gate (upstream medium record 18, VeTuned): zero-init, so 2 sigmoid(0) = 1 at the start;
+        # fp32 and cast to the activations' dtype, as upstream's CastedLinear
+        self.gate_mode, self.gate_dim = (cfg.ve_gates, cfg.ve_gate_dim) if gated else ("off", 0)
+        self.ve_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.ve_gate_dim)) if gated else None
 
     def forward(self, x: Tensor, ve: Tensor | None, sa: Tensor, mask) -> Tensor:
         B, T, D = x.shape
         qkv = F.linear(x, self.qkvo_w[:3].flatten(0, 1)).view(B, T, 3 * self.num_heads, self.head_dim)
         q, k, v = norm(qkv).chunk(3, dim=-2)  # QK(V) norm: the block input itself is not pre-normed
         q, k = self.rotary(q), self.rotary(k)
-        v = sa[0] * v + sa[1] * ve.view_as(v) if ve is not None else sa[0] * v
+        if ve is None:
+            v = sa[0] * v
+        elif self.ve_gate_w is None:
+            v = sa[0] * v + sa[1] * ve.view_as(v)
+        else:  # the gate takes the place of the SA lambda sa[1], as in upstream's records
+            v = sa[0] * v + self.ve_gate(x, ve) * ve.view_as(v)
         y = attend(q, k, v, mask, self.scale)
         return F.linear(y.reshape(B, T, D), self.qkvo_w[3])
+
+    def ve_gate(self, x: Tensor, ve: Tensor) -> Tensor:
+        """2 sigmoid(W g) per head, (B, T, H, 1). Upstream's attention reads norm(x) (its blocks pre-norm), so the
+        gate does here too: g = norm(x)[..., :dim] ("x"), or norm(x)'s first dim/2 channels and ve's ("x_ve")."""
+        xn = norm(x)
+        g = xn[..., :self.gate_dim] if self.gate_mode == "x" else torch.cat(
+            [xn[..., :self.gate_dim // 2], ve[..., :self.gate_dim // 2]], dim=-1)
+        return 2 * torch.sigmoid(F.linear(g, self.ve_gate_w.type_as(g))).view(*x.shape[:2], self.num_heads, 1)
 
 
 class MLP(nn.Module):
@@ -175,19 +193,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, rotary: Rotary, has_attn: bool):
+    def __init__(self, cfg: Config, rotary: Rotary, has_attn: bool, gated: bool = False):
         super().__init__()
-        self.attn = Attention(cfg, rotary) if has_attn else None
+        self.attn = Attention(cfg, rotary, gated) if has_attn else None
         self.mlp = MLP(cfg)
 
-    def forward(self, x, x0s, lam, ve, sa, mask, tl=None, tl_stream=0):
-        # x = λ_x·x + Σ_k λ_k·x0k, summed in upstream's order (in bf16 each product and sum rounds, as upstream);
-        # a per-token lambda tl scales stream tl_stream before its λ
+    def forward(self, x, inputs, lam, ve, sa, mask, tl=None, tl_col=1):
+        # x = λ_x·x + Σ_c λ_c·input_c over the input streams in column order, summed in upstream's order (in bf16
+        # each product and sum rounds, as upstream); a per-token lambda tl scales the stream of column tl_col
         x = lam[0] * x
-        for k in range(x0s.size(0)):
-            x = x + lam[1 + k] * x0s[k]
+        for c, stream in enumerate(inputs, 1):
+            x = x + lam[c] * stream
         if tl is not None:
-            x = x + (lam[1 + tl_stream] * (tl - 1)) * x0s[tl_stream]
+            x = x + (lam[tl_col] * (tl - 1)) * inputs[tl_col - 1]
         if self.attn is not None:
             x = x + self.attn(x, ve, sa, mask)
         return x + self.mlp(norm(x))
@@ -200,54 +218,74 @@ class GPT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        L, D, V = cfg.num_layers, cfg.model_dim, cfg.vocab_size
-        self.K = 1 + cfg.extra_embeds  # input embedding streams x00..x0N
+        L, D = cfg.num_layers, cfg.model_dim
+        self.tables = spec.tables(cfg)  # the looked-up parameters, each an nn.Embedding named as its Table
+        self.streams = spec.streams(cfg)
+        self.inputs = [s for s in self.streams if s.kind == "input"]  # in lambda-column order
+        self.K = 1 + cfg.extra_embeds  # x00..x0N, packed side by side in `embed`: one gather and one norm for all
         self.ve_map = cfg.ve_map()
         self.num_ve = cfg.num_ve_tables
-        # x00..x0N live side by side in one table: one gather and one norm per step instead of N+1
-        self.embed = nn.Embedding(V, self.K * D)
-        self.value_embed = nn.Embedding(V, self.num_ve * D) if self.num_ve else None
-        self.token_lambda = None
-        self.tl_stream = int(cfg.token_lambdas[2:]) if cfg.token_lambdas else 0
-        if cfg.token_lambdas:  # one (vocab, 1) embedding per layer, stored as one (vocab, L) table; init 1
-            self.token_lambda = nn.Embedding(V, L)
-            nn.init.ones_(self.token_lambda.weight)
+        for t in self.tables:
+            # a zero-init table is built without drawing from the RNG: adding it leaves every other parameter's
+            # initialisation of a seed as it was (paired comparisons share them)
+            table = nn.Embedding(t.rows, t.width, _weight=torch.zeros(t.rows, t.width)) if t.init == "zeros" \
+                else nn.Embedding(t.rows, t.width)  # N(0, 1)
+            if t.init == "ones":
+                nn.init.ones_(table.weight)
+            elif t.init.startswith("normal:") and float(t.init[7:]) != 1.0:
+                nn.init.normal_(table.weight, std=float(t.init[7:]))
+            setattr(self, t.name, table)
+        self.tl_col = 1 + [s.name for s in self.inputs].index(cfg.token_lambdas) if cfg.token_lambdas else 1
         rotary = Rotary(cfg.head_dim, max(cfg.train_seq_len, cfg.val_seq_len))
-        self.blocks = nn.ModuleList(Block(cfg, rotary, i not in cfg.no_attn_layers) for i in range(L))
+        gated = cfg.ve_gates != "off"
+        self.blocks = nn.ModuleList(Block(cfg, rotary, i not in cfg.no_attn_layers, gated and self.ve_map[i] is not None)
+                                    for i in range(L))
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.head_vocab, D))
-        lam = torch.zeros(L, cfg.num_lambdas)
-        lam[:, 0] = 1.0  # x passes through; x00..x0N start at 0 (1 would let the model route around the blocks)
-        self.scalars = nn.Parameter(torch.cat([torch.ones(L), lam.flatten(), torch.full((2 * L,), 0.5)]))
+        self.scalar_layout = spec.scalar_layout(cfg)
+        self.scalars = nn.Parameter(torch.tensor([v for _, _, init in self.scalar_layout for v in init]))
         # the loss of a training step: HeadLoss (chunked head + cap + CE, measured to help on CPU) or the plain autograd
         # graph (what torch.compile fuses on CUDA, as upstream); None: HeadLoss on CPU, the graph on CUDA
-        self.fused_loss: bool | None = None
+        self.fused_loss: bool | None = {"auto": None, "on": True, "off": False}[cfg.fused_loss]
         # the tables' gradients: dense per micro-step (in the compiled graph, as upstream) or, once a table has a
         # .grad, only its rows looked up (False, True; None: the latter on CPU when training, see SparseRowsGrad)
-        self.sparse_table_grads: bool | None = None
+        self.sparse_table_grads: bool | None = {"auto": None, "on": True, "off": False}[cfg.sparse_table_grads]
         self.loss_chunk = LOSS_CHUNK  # rows of logits at once wherever the loss is chunked (always in validation)
         if cfg.precision == "bf16":
             self.to_upstream_dtypes()
 
+    def table(self, name: str) -> nn.Embedding | None:
+        return getattr(self, name, None)
+
     def to_upstream_dtypes(self) -> None:
         """Upstream's precision policy: embedding tables and block matrices in bf16 (Muon keeps their fp32 master
-        weights as a bf16 value plus a 16-bit mantissa buffer), LM head and scalars in fp32, rotary tables in fp32.
-        The residual stream is then bf16: fp32 0-dim lambdas times bf16 activations stay bf16."""
-        for table in (self.embed, self.value_embed, self.token_lambda):
-            if table is not None:
-                table.bfloat16()
-        for p in self.blocks.parameters():
-            p.data = p.data.bfloat16()
+        weights as a bf16 value plus a 16-bit mantissa buffer), LM head, scalars and gates in fp32, rotary tables
+        in fp32. The residual stream is then bf16: fp32 0-dim lambdas times bf16 activations stay bf16."""
+        for t in self.tables:
+            self.table(t.name).bfloat16()
+        for name, p in self.blocks.named_parameters():
+            if not name.endswith("ve_gate_w"):
+                p.data = p.data.bfloat16()
 
-    # views into the one scalar vector (upstream layout: skip weights, block lambdas, SA lambdas)
+    # named views into the one scalar vector (upstream layout: skip weights, block lambdas, SA lambdas)
+    def scalar_segment(self, name: str) -> Tensor:
+        start = 0
+        for seg, shape, init in self.scalar_layout:
+            if seg == name:
+                return self.scalars[start: start + len(init)].view(shape)
+            start += len(init)
+        raise KeyError(f"no scalar segment {name!r}; the layout has {[s for s, _, _ in self.scalar_layout]}")
+
     def skip_weights(self) -> Tensor:
-        return self.scalars[: self.cfg.num_layers]
+        return self.scalar_segment("skip")
 
-    def block_lambdas(self) -> Tensor:
-        L = self.cfg.num_layers
-        return self.scalars[L: L + L * self.cfg.num_lambdas].view(L, self.cfg.num_lambdas)
+    def block_lambdas(self) -> Tensor:  # (L, spec.mixing_columns)
+        return self.scalar_segment("lambdas")
 
-    def sa_lambdas(self) -> Tensor:
-        return self.scalars[-2 * self.cfg.num_layers:].view(self.cfg.num_layers, 2)
+    def sa_lambdas(self) -> Tensor:  # (L, 2): v, ve
+        return self.scalar_segment("sa")
+
+    def ve_gates(self) -> list[Tensor]:
+        return [b.attn.ve_gate_w for b in self.blocks if b.attn is not None and b.attn.ve_gate_w is not None]
 
     def use_flex(self, device: torch.device) -> bool:
         a = self.cfg.attention
@@ -277,17 +315,23 @@ class GPT(nn.Module):
             return HeadLoss.apply(x, self.lm_head_w, targets, c, self.loss_chunk)
         return F.cross_entropy(self.head(x), targets)
 
-    def trunk(self, idx: Tensor, window=None, collect: dict | None = None, rows: list | None = None) -> Tensor:
+    def trunk(self, idx: Tensor, window=None, collect: dict | None = None, rows: dict | None = None) -> Tensor:
         """The normed final residual (B, T, D). `collect`, if a dict, receives detached activations for analysis:
-        x-i (residual entering block i), x-out (normed final residual), x00..x0N and ve0..: what the logit lens
-        and the norm metrics read. `rows`: self.lookup(idx), if already done."""
+        x-i (residual entering block i), x-out (normed final residual), and each stream by name (x00.., bigram:
+        as mixed in; ve0..: as added to v): what the logit lens and the norm metrics read.
+        `rows`: self.lookup(idx), if already done."""
         cfg = self.cfg
         B, T = idx.shape
         masks = self.masks(idx, window)
         rows = self.lookup(idx) if rows is None else rows
-        x0s = norm(rows[0].view(B, T, self.K, cfg.model_dim)).permute(2, 0, 1, 3)  # (K, B, T, D)
-        ves = rows[1].view(B, T, self.num_ve, cfg.model_dim) if self.value_embed is not None else None
-        tls = rows[2] if self.token_lambda is not None else None  # (B, T, L)
+        slices = {}  # table name -> (B, T, slots, D), normed where its streams are
+        for s in self.streams:
+            if s.table not in slices:
+                r = rows[s.table].view(B, T, -1, cfg.model_dim)
+                slices[s.table] = norm(r) if s.normed else r
+        inputs = [slices[s.table][:, :, s.slot] for s in self.inputs]
+        ves = slices.get("value_embed")
+        tls = rows.get("token_lambda")  # (B, T, L)
         skip_w, lams, sas = self.skip_weights(), self.block_lambdas(), self.sa_lambdas()
         skips_into: dict[int, list[int]] = {}
         for d, s in cfg.skip_pairs:
@@ -295,17 +339,17 @@ class GPT(nn.Module):
         sources = {s for _, s in cfg.skip_pairs}
         outs: dict[int, Tensor] = {}
         if collect is not None:
-            collect.update({f"x0{k}": x0s[k].detach() for k in range(self.K)})
-            collect.update({f"ve{t}": ves[:, :, t].detach() for t in range(self.num_ve)} if ves is not None else {})
-        x = x0s[0]
+            collect.update({s.name: v.detach() for s, v in zip(self.inputs, inputs)})
+            collect.update({s.name: ves[:, :, s.slot].detach() for s in self.streams if s.kind == "value"})
+        x = inputs[0]
         for i, block in enumerate(self.blocks):
             for s in skips_into.get(i, ()):
                 x = x + skip_w[s] * outs[s]
             if collect is not None:
                 collect[f"x-{i}"] = x.detach()
             t = self.ve_map[i]
-            x = block(x, x0s, lams[i], None if t is None else ves[:, :, t], sas[i], masks[cfg.window_pattern[i]],
-                      None if tls is None else tls[..., i:i + 1], self.tl_stream)
+            x = block(x, inputs, lams[i], None if t is None else ves[:, :, t], sas[i], masks[cfg.window_pattern[i]],
+                      None if tls is None else tls[..., i:i + 1], self.tl_col)
             if i in sources:
                 outs[i] = x
         x = norm(x)
@@ -313,13 +357,16 @@ class GPT(nn.Module):
             collect["x-out"] = x.detach()
         return x
 
-    def lookup(self, idx: Tensor) -> list[Tensor | None]:
-        """The rows of idx in the input, value and token-lambda tables (None for a table the model lacks)."""
-        tables = [t if t is None else t.weight for t in (self.embed, self.value_embed, self.token_lambda)]
+    def lookup(self, idx: Tensor) -> dict[str, Tensor]:
+        """The rows of idx in each table, by table name (the bigram table at the hashed pairs of idx)."""
+        weights = [self.table(t.name).weight for t in self.tables]
+        indices = [idx if t.lookup == "token" else spec.bigram_hash(idx, t.rows) for t in self.tables]
         sparse = self.sparse_table_grads
         if sparse or (sparse is None and not idx.is_cuda and torch.is_grad_enabled()):
-            return _sparse_grad_lookup(tables, idx)
-        return [None if w is None else F.embedding(idx, w) for w in tables]
+            rows = _sparse_grad_lookup(weights, indices)
+        else:
+            rows = [F.embedding(i, w) for w, i in zip(weights, indices)]
+        return {t.name: r for t, r in zip(self.tables, rows)}
 
     def head(self, x: Tensor) -> Tensor:
         """LM head and ISRU soft-cap; the matmul in the activations' dtype (bf16 under upstream's policy, as its
@@ -328,8 +375,8 @@ class GPT(nn.Module):
 
 
 @torch.compiler.disable  # sparse gradients cannot pass through a compiled graph; this runs eagerly before it
-def _sparse_grad_lookup(tables: list[Tensor | None], idx: Tensor) -> list[Tensor | None]:
-    return [None if w is None else SparseRowsGrad.apply(w, idx) for w in tables]
+def _sparse_grad_lookup(weights: list[Tensor], indices: list[Tensor]) -> list[Tensor]:
+    return [SparseRowsGrad.apply(w, i) for w, i in zip(weights, indices)]
 
 
 class SparseRowsGrad(torch.autograd.Function):

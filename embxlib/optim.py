@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import streams as spec
 from .config import Config
 
 # Five quintic Newton-Schulz iterations, each with its own coefficients (upstream, 34f5696a)
@@ -211,13 +212,16 @@ class Muon(torch.optim.Optimizer):
 # --- building the optimisers --------------------------------------------------------------------
 
 def adam_groups(model, cfg: Config) -> list[dict]:
-    """Upstream's Adam groups: LM head, embeddings (input, extra, value), scalars; plus per-token lambdas."""
-    embeds = [model.embed.weight] + ([model.value_embed.weight] if model.value_embed is not None else [])
-    groups = [dict(params=[model.lm_head_w], lr=cfg.head_lr, name="head"),
-              dict(params=embeds, lr=cfg.embed_lr, name="embed"),
-              dict(params=[model.scalars], lr=cfg.scalar_lr, name="scalars")]
-    if model.token_lambda is not None:
-        groups.append(dict(params=[model.token_lambda.weight], lr=cfg.token_lambda_lr, name="token_lambdas"))
+    """Upstream's Adam groups: LM head, embeddings (input, extra, value), scalars; then the other tables' groups
+    (per-token lambdas, bigram hash: streams.tables names each table's group and lr) and the value-embedding gates."""
+    by_group: dict[tuple[str, str], list] = {}
+    for t in spec.tables(model.cfg):
+        by_group.setdefault((t.group, t.lr), []).append(model.table(t.name).weight)
+    tables = [dict(params=ps, lr=getattr(cfg, lr), name=group) for (group, lr), ps in by_group.items()]
+    groups = [dict(params=[model.lm_head_w], lr=cfg.head_lr, name="head"), tables[0],  # the input table's group
+              dict(params=[model.scalars], lr=cfg.scalar_lr, name="scalars"), *tables[1:]]
+    if model.ve_gates():  # small, replicated matrices like the scalars (upstream's later records: Adam)
+        groups.append(dict(params=model.ve_gates(), lr=cfg.scalar_lr, name="ve_gates"))
     return groups
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .streams import stream_kind
+
 # ----------------------------------------------------------------------------------------------------------
 # final losses: describe, one-sided record test, Welch against a baseline
 
@@ -274,9 +276,9 @@ def rank_by_window(df: pd.DataFrame, start: float, end: float, x: str = "train_t
 
 
 def is_mixing_stream(stream: str) -> bool:
-    """Whether a lambda stream is part of the weighted sum at each layer's input: x (the residual) and
-    x00, x01, ... (the input embeddings); v, ve, skip/unet and norm are not."""
-    return stream == "x" or re.fullmatch(r"x0\d+", stream) is not None
+    """Whether a lambda stream is part of the weighted sum at each layer's input: x (the residual) and the input
+    streams (x00, x01, ..., bigram: streams.stream_kind); v, ve, skip/unet and norm are not."""
+    return stream_kind(stream) in ("residual", "input")
 
 
 def final_lambdas(lam: pd.DataFrame, streams=None) -> pd.DataFrame:

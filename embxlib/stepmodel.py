@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import Config, medium, medium_x01
 from .model import count_params, window_blocks
+from .streams import streams, table_params, tables
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 HBM_BYTES_S = 3.35e12
@@ -41,30 +42,29 @@ def attention_flops(cfg: Config) -> float:
     return total / len(steps)
 
 
-def table_bytes(cfg: Config, world: int, input_embedding: bool) -> dict[str, float]:
-    """Bytes one embedding table moves per step and GPU, by where (HBM or the all-reduce)."""
-    n = cfg.vocab_size * cfg.model_dim
+def table_bytes(cfg: Config, world: int, rows: int, width: int, input_streams: int) -> dict[str, float]:
+    """Bytes one embedding table (rows x width, bf16) moves per step and GPU, by where (HBM or the all-reduce);
+    input_streams: how many of its slices are mixed into the residual before every layer."""
+    n = rows * width
     local_tokens = cfg.train_batch_tokens // world
     hbm = n * (4 + 4 + 2) + n * 2 * 7  # dense backward: fp32 zero-fill and scatter, bf16 cast; Adam: 4 reads, 3 writes
-    if input_embedding:
-        hbm += 3 * cfg.num_layers * local_tokens * cfg.model_dim * 2
+    hbm += input_streams * 3 * cfg.num_layers * local_tokens * cfg.model_dim * 2
     return dict(hbm=hbm, allreduce=2 * (world - 1) / world * n * 2 if world > 1 else 0.0)
 
 
-def tables(cfg: Config) -> tuple[int, int]:
-    return 1 + cfg.extra_embeds, cfg.num_ve_tables
+def _table_ms(cfg: Config, world: int, rows: int, width: int, input_streams: int) -> float:
+    b = table_bytes(cfg, world, rows, width, input_streams)
+    return (b["hbm"] / HBM_BYTES_S + b["allreduce"] / ALLREDUCE_BUS_BYTES_S) * 1000
 
 
 def predict(cfg: Config, world: int, mfu: float) -> dict:
-    dense = count_params(cfg) - cfg.vocab_size * cfg.model_dim * sum(tables(cfg))
+    dense = count_params(cfg) - table_params(cfg)
     flops = (6 * dense * cfg.train_batch_tokens + attention_flops(cfg)) / world
     compute_ms = flops / (PEAK_FLOPS * mfu) * 1000
-    n_in, n_ve = tables(cfg)
-    one_in, one_ve = table_bytes(cfg, world, True), table_bytes(cfg, world, False)
-    per_in = (one_in["hbm"] / HBM_BYTES_S + one_in["allreduce"] / ALLREDUCE_BUS_BYTES_S) * 1000
-    per_ve = (one_ve["hbm"] / HBM_BYTES_S + one_ve["allreduce"] / ALLREDUCE_BUS_BYTES_S) * 1000
-    ms = compute_ms + n_in * per_in + n_ve * per_ve
-    return dict(ms_per_step=ms, compute_ms=compute_ms, per_input_table_ms=per_in, per_value_table_ms=per_ve,
+    inputs = [s.table for s in streams(cfg) if s.kind == "input"]
+    per_table = {t.name: _table_ms(cfg, world, t.rows, t.width, inputs.count(t.name)) for t in tables(cfg)}
+    return dict(ms_per_step=compute_ms + sum(per_table.values()), compute_ms=compute_ms, tables_ms=per_table,
+                per_input_table_ms=_table_ms(cfg, world, cfg.vocab_size, cfg.model_dim, 1),
                 tflops_per_gpu=flops / 1e12)
 
 

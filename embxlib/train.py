@@ -50,6 +50,7 @@ from .config import Config, add_config_args, config_from_args  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers  # noqa: E402
+from .streams import describe_stream, mixing_columns, streams  # noqa: E402
 from .runfolder import (MAX_NAME_BYTES, RUN_LOCK, FolderLock, FolderLocked, end_torn_line, lock_info,  # noqa: E402
                         process_alive, read_json, read_jsonl, remove_stale_tmp, write_atomically,
                         write_json_atomically, write_text_atomically)
@@ -399,22 +400,22 @@ def _has(cmd: str) -> bool:
 # --- metrics -------------------------------------------------------------------------------------
 
 def lambda_record(model: GPT) -> dict:
-    """Per-layer lambdas, named as snimu's logs: x, x00..x0N, v (sa λ0), ve (sa λ1, None without a value
-    embedding), skip (weight of the skip leaving layer j, None where unused), token-lambda means."""
+    """Per-layer lambdas, named as snimu's logs: x and each input stream (x00..x0N, bigram), v (sa λ0), ve (sa λ1,
+    None without a value embedding or where a gate replaces it), skip (weight of the skip leaving layer j, None where
+    unused), token-lambda means."""
     cfg = model.cfg
     lam = model.block_lambdas().detach().float().cpu()
     sa = model.sa_lambdas().detach().float().cpu()
     sk = model.skip_weights().detach().float().cpu()
     srcs = {s for _, s in cfg.skip_pairs}
-    rec = {"x": lam[:, 0].tolist()}
-    for k in range(model.K):
-        rec[f"x0{k}"] = lam[:, 1 + k].tolist()
+    rec = {name: lam[:, c].tolist() for c, name in enumerate(mixing_columns(cfg))}
     has_attn = [b.attn is not None for b in model.blocks]
     rec["v"] = [float(sa[i, 0]) if has_attn[i] else None for i in range(cfg.num_layers)]
-    rec["ve"] = [float(sa[i, 1]) if model.ve_map[i] is not None else None for i in range(cfg.num_layers)]
+    rec["ve"] = [float(sa[i, 1]) if model.ve_map[i] is not None and model.blocks[i].attn.ve_gate_w is None else None
+                 for i in range(cfg.num_layers)]
     rec["skip"] = [float(sk[i]) if i in srcs else None for i in range(cfg.num_layers)]
-    if model.token_lambda is not None:
-        rec["token_lambda_mean"] = model.token_lambda.weight.detach().float().mean(0).tolist()
+    if model.table("token_lambda") is not None:
+        rec["token_lambda_mean"] = model.table("token_lambda").weight.detach().float().mean(0).tolist()
     return rec
 
 
@@ -874,6 +875,7 @@ def dry_run(cfg: Config, world: int) -> None:
     print(cfg.to_json())
     print(f"variant: {cfg.name}")
     print(f"value embeddings per layer: {cfg.ve_map()}")
+    print("streams: " + "; ".join(describe_stream(cfg, s) for s in streams(cfg)))
     print(f"parameters: {count_params(cfg):,}")
     print(f"tokens per step: {cfg.train_batch_tokens:,} (world_size {world} x train_seq_len {cfg.train_seq_len:,} "
           f"x grad_accum {cfg.grad_accum_steps(world)})")

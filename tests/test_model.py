@@ -159,11 +159,11 @@ def test_sparse_table_gradients_are_upstreams_dense_ones():
 def test_sparse_table_gradients_only_where_the_cpu_trains():
     m = GPT(small())
     idx = tokens()
-    assert m.lookup(idx)[0].grad_fn.name() == "SparseRowsGradBackward"  # CPU, training: None means sparse
+    assert m.lookup(idx)["embed"].grad_fn.name() == "SparseRowsGradBackward"  # CPU, training: None means sparse
     with torch.no_grad():
-        assert m.lookup(idx)[0].grad_fn is None
+        assert m.lookup(idx)["embed"].grad_fn is None
     m.sparse_table_grads = False
-    assert m.lookup(idx)[0].grad_fn.name() == "EmbeddingBackward0"
+    assert m.lookup(idx)["embed"].grad_fn.name() == "EmbeddingBackward0"
 
 
 def test_precision_policy_dtypes_per_tensor():

@@ -128,10 +128,12 @@ if typing.TYPE_CHECKING:
 
 def bigram_hash(idx: "Tensor", rows: int) -> "Tensor":
     """Upstream's get_bigram_hash on each sequence (last dim) of idx: (36313 x cur) XOR (27191 x prev) mod
-    (rows - 1) in int32 (a product wraps past 2^31 only for ids above 59,000; % keeps the result non-negative),
-    row rows-1 for the first position. Cheap enough to run inside the forward (see bench.bench_bigram_hash)."""
+    (rows - 1) in int32 (products past 2^31 wrap, as upstream's; % keeps the result non-negative), row rows - 1 for
+    the first position. Upstream writes that row into the sequence before hashing, so it is also the second
+    position's "previous token". Cheap enough to run inside the forward (see bench.bench_bigram_hash)."""
     import torch  # here: the analysis imports this module for stream_kind, without needing torch
     a, b = BIGRAM_MULTIPLIERS
     x = idx.to(torch.int32)
-    h = torch.bitwise_xor(a * x[..., 1:], b * x[..., :-1]) % (rows - 1)
-    return torch.cat([torch.full_like(x[..., :1], rows - 1), h], dim=-1)
+    first = torch.full_like(x[..., :1], rows - 1)
+    prev = torch.cat([first, x[..., 1:-1]], dim=-1)
+    return torch.cat([first, torch.bitwise_xor(a * x[..., 1:], b * prev) % (rows - 1)], dim=-1)

@@ -37,6 +37,9 @@ def metrics(run_dir):
     ["--ve-layers", "0,-1,-1,-1,0,1"],
     ["--token-lambdas", "x00"],
     ["--extra-embeds", "2", "--token-lambdas", "x02", "--value-embeds", "3", "--ve-remove", "0", "--seed", "3"],
+    ["--bigram-embeds", "1"],
+    ["--ve-gates", "x"],
+    ["--extra-embeds", "1", "--bigram-embeds", "1", "--ve-gates", "x_ve", "--ve-gate-dim", "12", "--ve-init-std", "0.01"],
 ], ids=lambda f: " ".join(f))
 def test_every_variant_trains(fast_args, tmp_path, flags):
     run = tmp_path / "run"
@@ -50,6 +53,14 @@ def test_every_variant_trains(fast_args, tmp_path, flags):
     assert set(lam) >= {"x", "v", "ve", "skip"} | {f"x0{k}" for k in range(cfg["extra_embeds"] + 1)}
     assert len(recs[-1]["norms"]) == cfg["num_layers"] and all(n > 0 for n in recs[-1]["norms"])
     assert lam["x01" if cfg["extra_embeds"] else "x00"] != [0.0] * 6  # the new lambdas move off their init
+    import torch
+    weights = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    if cfg["bigram_embeds"]:  # (its lambdas see a gradient only once a pair recurs: not within 2 steps)
+        assert len(lam["bigram"]) == 6 and weights["bigram_embed.weight"].any()
+    if cfg["ve_gates"] != "off":  # the gates replace the ve lambda (zero head and projections: they learn from step 3)
+        assert all(v is None for v in lam["ve"])
+        gates = [v for k, v in weights.items() if "ve_gate" in k]
+        assert [tuple(g.shape) for g in gates] == [(2, cfg["ve_gate_dim"])] * 4
     assert val_losses(run)[2] == pytest.approx(summary["final_val_loss"], abs=1e-6)
     assert (run / "checkpoint.pt").exists()
 

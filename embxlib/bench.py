@@ -190,19 +190,28 @@ def plain_step(cfg, device="cpu", compile=False):
     return step
 
 
-def bench_training(extra=range(5), steps: int = 3, warmup: int = 3, compile_modes=(False, True),
-                   rounds: int = 8) -> list[dict]:
-    """ms per training step of the plain GPT and embxlib tiny x00..x04, eager and compiled. All models are built
-    (and compiled) first, then timed in `rounds` interleaved rounds of `steps` steps each, every other round in
-    reverse order, so that a slow spell of the machine hits every model alike; the median over all timed steps is
-    reported, with the quartiles. vs_x00 and vs_plain compare with the same mode's x00 and plain GPT,
-    vs_plain_eager with the eager plain GPT."""
-    from embxlib.config import tiny
+# the tiny variants the training bench times: name -> Config fields (x00..x04, then one per newer stream)
+TRAINING_VARIANTS = {**{f"x0{n}": dict(extra_embeds=n) for n in range(5)}, "x00-bigram": dict(bigram_embeds=1),
+                     "x01-bigram": dict(extra_embeds=1, bigram_embeds=1), "x00-gatex": dict(ve_gates="x"),
+                     "x00-gatexve": dict(ve_gates="x_ve", ve_gate_dim=12)}
+
+
+def bench_training(variants=tuple(TRAINING_VARIANTS), steps: int = 3, warmup: int = 3, compile_modes=(False, True),
+                   rounds: int = 8, precision: str | None = None) -> list[dict]:
+    """ms per training step of the plain GPT and embxlib tiny variants (TRAINING_VARIANTS), eager and compiled. All
+    models are built (and compiled) first, then timed in `rounds` interleaved rounds of `steps` steps each, every
+    other round in reverse order, so that a slow spell of the machine hits every model alike; the median over all
+    timed steps is reported, with the quartiles. vs_x00 and vs_plain compare with the same mode's x00 and plain
+    GPT, vs_plain_eager with the eager plain GPT. precision: None is bf16 where the CPU multiplies bf16 in hardware,
+    else fp32 (as launch.demo trains)."""
+    from embxlib.config import cpu_bf16_matmul, tiny
+    precision = precision or ("bf16" if cpu_bf16_matmul() else "fp32")
+    variants = ["x00", *[v for v in variants if v != "x00"]]  # the reference of vs_x00
     models = []
     for compiled in compile_modes:
         models.append(("plain GPT (nanoGPT style)", compiled, plain_step(tiny(), compile=compiled)))
-        models += [(f"embxlib tiny x0{n}", compiled, embxlib_step(tiny(extra_embeds=n), compile=compiled))
-                   for n in extra]
+        models += [(f"embxlib tiny {v}", compiled, embxlib_step(tiny(precision=precision, **TRAINING_VARIANTS[v]),
+                                                                compile=compiled)) for v in variants]
     times: list[list[float]] = [[] for _ in models]
     for _, _, step in models:
         for _ in range(warmup):
@@ -221,12 +230,32 @@ def bench_training(extra=range(5), steps: int = 3, warmup: int = 3, compile_mode
     for (name, compiled, _), t in zip(models, times):
         m = ms[(name, compiled)]
         q25, q75 = np.percentile(t, [25, 75])
-        row = dict(model=name, compiled=compiled, ms_per_step=m, ms_q25=float(q25), ms_q75=float(q75),
-                   tokens_per_s=tokens / m * 1000)
+        row = dict(model=name, compiled=compiled, precision=precision if name != plain else "fp32", ms_per_step=m,
+                   ms_q25=float(q25), ms_q75=float(q75), tokens_per_s=tokens / m * 1000)
         if name != plain:
             row.update(vs_x00=m / ms[("embxlib tiny x00", compiled)], vs_plain=m / ms[(plain, compiled)],
                        vs_plain_eager=m / ms[(plain, False)] if (plain, False) in ms else None)
         rows.append(row)
+    return rows
+
+
+def bench_bigram_hash(repeats: int = 200) -> list[dict]:
+    """Microseconds of streams.bigram_hash per micro-batch on this CPU: the tiny micro-batch (512 tokens) and a
+    medium one (65,536 tokens per rank). Against a tiny step of a few hundred ms, hashing inside the forward costs
+    nothing measurable; in the loader it would cost the same, plus a second index tensor to move and checkpoint."""
+    import torch
+    from embxlib.config import medium, tiny
+    from embxlib.streams import bigram_hash, bigram_rows
+    rows = []
+    for cfg in (tiny(), medium()):
+        idx = torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len), dtype=torch.int32)
+        n = bigram_rows(cfg)
+        for _ in range(5):
+            bigram_hash(idx, n)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            bigram_hash(idx, n)
+        rows.append(dict(tokens=cfg.train_seq_len, us_per_hash=1e6 * (time.perf_counter() - t) / repeats))
     return rows
 
 
@@ -257,6 +286,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round (median reported)")
     ap.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds over all configurations")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    ap.add_argument("--compiled-only", action="store_true", help="skip the eager measurements (the CPU trains compiled)")
+    ap.add_argument("--variants", default=",".join(TRAINING_VARIANTS),
+                    help=f"tiny variants to time, comma-separated (x00 always; allowed: {', '.join(TRAINING_VARIANTS)})")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                    help="of the embxlib models (default: bf16 where the CPU has bf16 matrix units, else fp32)")
     ap.add_argument("--out", default="bench/out/bench.json")
     ap.add_argument("--gpu-model", action="store_true", help="print the expected H100 ms/step of a config given with "
                     "the train flags (--preset, --extra-embeds, ..., --world-size N) and how well the model predicts "
@@ -265,13 +299,22 @@ def main(argv=None):
     if "--gpu-model" in argv:
         return gpu_model([a for a in argv if a != "--gpu-model"])
     args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in TRAINING_VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; allowed: {', '.join(TRAINING_VARIANTS)}")
+    if args.no_compile and args.compiled_only:
+        ap.error("--no-compile and --compiled-only leave nothing to time")
     from embxlib.train import keep_freed_memory
     keep_freed_memory()  # as train.py does; both models below run in this process, under the same allocator
     result = {}
     if args.only in (None, "training"):
         import torch
-        result["training"] = bench_training(steps=args.steps, rounds=args.rounds,
-                                            compile_modes=(False,) if args.no_compile else (False, True))
+        modes = (False,) if args.no_compile else (True,) if args.compiled_only else (False, True)
+        result["training"] = bench_training(variants, steps=args.steps, rounds=args.rounds, compile_modes=modes,
+                                            precision=args.precision)
+        result["bigram_hash"] = bench_bigram_hash()
+        print(tabulate(result["bigram_hash"], headers="keys", tablefmt="github", floatfmt=".1f"))
         result.update(threads=torch.get_num_threads(), rounds=args.rounds, steps_per_round=args.steps)
         print(tabulate(result["training"], headers="keys", tablefmt="github", floatfmt=".3f"))
         gpu = bench_gpu()

@@ -115,3 +115,28 @@ def report(cfg: Config | None = None, world: int = 8) -> list[dict]:
         rows.append(dict(run=f"{cfg.preset} {cfg.name}", world=world, logged_ms=None, predicted_ms=p["ms_per_step"],
                          error_pct=None, mfu=mfu, per_input_table_ms=p["per_input_table_ms"]))
     return rows
+
+
+def comm_bytes(cfg: Config, world: int) -> dict:
+    """Bytes one rank hands to collectives per training step of cfg at `world` ranks, as train.train_step issues
+    them (tests/test_cuda_step.py counts them under gloo): every gradient all-reduced dense (the tables' too), the
+    loss, and Muon's all_gathers of the updated matrices (one tensor per chunk of `world` matrices of a shape).
+    `ring_*`: what a ring algorithm then sends per rank (all-reduce 2 (W-1)/W of the bytes, all_gather W-1 times).
+    `tables`: the all-reduced bytes of each table; `sparse_rows`: what exchanging only the rows the ranks looked up
+    would hand over instead (indices + rows of each rank's tokens, all_gathered), for comparison."""
+    import torch
+    from .model import GPT
+    from .optim import build_optimizers
+    with torch.device("meta"):
+        model = GPT(cfg)
+        adam, muon = build_optimizers(model, cfg, rank=0, world_size=world)
+    nbytes = lambda p: p.numel() * p.element_size()  # noqa: E731  (a gradient has its parameter's dtype)
+    reduce = sum(nbytes(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]) + 4  # + the loss
+    gather = sum(nbytes(chunk[0][0]) for _, chunks in muon._chunks() for chunk in chunks) if world > 1 else 0
+    local_tokens = cfg.train_batch_tokens // world
+    tabs = {t.name: nbytes(model.table(t.name).weight) for t in tables(cfg)}
+    sparse = {t.name: local_tokens * (4 + t.width * model.table(t.name).weight.element_size()) for t in tables(cfg)}
+    ring = (lambda n: 2 * (world - 1) / world * n) if world > 1 else (lambda n: 0.0)
+    return dict(all_reduce=reduce if world > 1 else 0, all_gather=gather, ring_all_reduce=ring(reduce),
+                ring_all_gather=(world - 1) * gather, tables=tabs, ring_tables={k: ring(v) for k, v in tabs.items()},
+                sparse_rows=sparse, ring_sparse_rows={k: (world - 1) * v for k, v in sparse.items()})

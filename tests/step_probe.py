@@ -42,7 +42,7 @@ class Collectives:
     NAMES = ("all_reduce", "all_gather", "broadcast", "barrier", "reduce_scatter", "all_to_all")
 
     def __init__(self):
-        self.blocking, self.issued = [], []
+        self.blocking, self.issued, self.bytes = [], [], {}
         self.originals = {n: getattr(dist, n) for n in self.NAMES}
         for n, fn in self.originals.items():
             setattr(dist, n, self._wrap(n, fn))
@@ -50,6 +50,9 @@ class Collectives:
     def _wrap(self, name, fn):
         def call(*args, **kwargs):
             (self.issued if kwargs.get("async_op") else self.blocking).append(name)
+            sent = args[1] if name == "all_gather" else args[0]  # (all_gather: the output list, then this rank's)
+            if isinstance(sent, torch.Tensor):
+                self.bytes[name] = self.bytes.get(name, 0) + sent.numel() * sent.element_size()
             return fn(*args, **kwargs)
         return call
 
@@ -65,7 +68,8 @@ class Lines:
 def main(data_dir: str, out: str) -> None:
     precision = os.environ.get("PROBE_PRECISION", "fp32")  # (fp32: the same step, fast on a CPU without bf16 units)
     cfg = tiny(train_seq_len=128, train_batch_tokens=1024, window_max=128, compile=False, warmup_steps=0,
-               muon_momentum_warmup_steps=10, data_dir=data_dir, precision=precision)
+               muon_momentum_warmup_steps=10, data_dir=data_dir, precision=precision,
+               bigram_embeds=int(os.environ.get("PROBE_BIGRAM", "0")))
     device = torch.device("cpu")
     D = train.Dist(device)
     accum = cfg.grad_accum_steps(D.world)
@@ -84,10 +88,11 @@ def main(data_dir: str, out: str) -> None:
             lines.add(step + 1, loss, works, 0.0, D)
         for n, fn in coll.originals.items():
             setattr(dist, n, fn)
-        result[f"step{step}"] = dict(host_reads=watch.reads, blocking=coll.blocking, issued=len(coll.issued))
+        result[f"step{step}"] = dict(host_reads=watch.reads, blocking=coll.blocking, issued=len(coll.issued),
+                                     bytes=coll.bytes)
     state = [t for st in muon.state.values() for t in st.values()]
     own = muon.owned()
-    result.update(world=D.world, rank=D.rank, muon_state_bytes=sum(t.numel() * t.element_size() for t in state),
+    result.update(config=cfg.to_dict(), world=D.world, rank=D.rank, muon_state_bytes=sum(t.numel() * t.element_size() for t in state),
                   owned_bytes=sum(p.numel() * (4 + 2 * (p.dtype == torch.bfloat16)) for p in own), owned=len(own), lines=lines.log.lines)
     Path(out, f"rank{D.rank}.json").write_text(json.dumps(result))
     D.close()

@@ -33,3 +33,19 @@ def test_a_training_step_syncs_nothing_and_muon_state_is_split(corpus, tmp_path,
     assert owned == 17  # tiny: 5 attention tensors (layer 2 has none) + 6 fc + 6 proj, each on one rank
     assert max(r["muon_state_bytes"] for r in ranks) <= total / world * 2  # about 1/world each (chunks of world)
     assert ranks[0]["lines"] and ranks[0]["lines"][0].startswith("step:1/")
+
+
+def test_gradient_bytes_per_step_are_what_stepmodel_counts(corpus, tmp_path):
+    """The bytes each rank hands to gloo in a step of tiny + bigram hash at 2 ranks, counted on the real calls,
+    against stepmodel.comm_bytes (which the closing notes use for medium_x01 + bigram at 8 ranks)."""
+    from embxlib.config import Config
+    from embxlib.stepmodel import comm_bytes
+    r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "tests" / "step_probe.py"), str(corpus), str(tmp_path)],
+                       capture_output=True, text=True, env=python_env(PROBE_BIGRAM="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        expected = comm_bytes(Config.from_dict(res["config"]), 2)
+        assert res["step1"]["bytes"] == {"all_reduce": expected["all_reduce"], "all_gather": expected["all_gather"]}
+        assert expected["tables"]["bigram_embed"] == 50304 * 5 * 128 * 4  # fp32: the dense table goes over the wire

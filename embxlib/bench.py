@@ -265,13 +265,11 @@ def bench_gpu(steps: int = 20, warmup: int = 5) -> dict | None:
     if not torch.cuda.is_available():
         return None
     from embxlib.config import medium_x01
-    from embxlib.model import count_params
-    from embxlib.streams import table_params
+    from embxlib.stepmodel import matmul_flops
     cfg = medium_x01(compile=True)
     ms = _median_step_ms(embxlib_step(cfg, device="cuda", compile=True), warmup, steps)
     tokens = cfg.train_batch_tokens
-    n = count_params(cfg) - table_params(cfg)  # the looked-up tables do no matmul
-    flops = 6 * n * tokens  # matmul FLOPs per step; attention's extra (windowed) is left out: a lower bound
+    flops = matmul_flops(cfg)  # attention's (windowed) FLOPs are left out: a lower bound
     peak = 989e12  # H100 SXM dense bf16
     return dict(model="medium_x01, 1 GPU", ms_per_step=ms, tokens_per_s=tokens / ms * 1000,
                 mfu=flops / (ms / 1000) / peak)

@@ -199,12 +199,10 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
     vals = re.findall(r"^step:0/\d+ val_loss:(\S+)", (run_dir / "log.txt").read_text(), re.M)
     res["val_loss_start"] = float(vals[0]) if vals else None
     if device == "cuda" and ms:
-        from .model import count_params
-        from .streams import table_params
-        c = medium_x01()
-        dense = count_params(c) - table_params(c)  # the looked-up tables do no matmul
+        from .stepmodel import matmul_flops
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-        res["mfu"] = 6 * dense * tokens / (ms / 1000) / peak if peak else None  # matmul FLOPs only: a lower bound
+        flops = matmul_flops(medium_x01(train_batch_tokens=tokens))  # matmul FLOPs only: a lower bound
+        res["mfu"] = flops / (ms / 1000) / peak if peak else None
         up = ms_per_step(step_times(UPSTREAM_X01_LOG), first=first, last=max(times))
         res["upstream_8xH100_ms_per_step_same_steps"] = up
         res["tokens_per_s_per_gpu"] = tokens / ms * 1000

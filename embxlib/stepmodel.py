@@ -57,9 +57,13 @@ def _table_ms(cfg: Config, world: int, rows: int, width: int, input_streams: int
     return (b["hbm"] / HBM_BYTES_S + b["allreduce"] / ALLREDUCE_BUS_BYTES_S) * 1000
 
 
+def matmul_flops(cfg: Config) -> float:
+    """6 x the multiplied parameters x the tokens of a step: every parameter but the looked-up tables (streams)."""
+    return 6 * (count_params(cfg) - table_params(cfg)) * cfg.train_batch_tokens
+
+
 def predict(cfg: Config, world: int, mfu: float) -> dict:
-    dense = count_params(cfg) - table_params(cfg)
-    flops = (6 * dense * cfg.train_batch_tokens + attention_flops(cfg)) / world
+    flops = (matmul_flops(cfg) + attention_flops(cfg)) / world
     compute_ms = flops / (PEAK_FLOPS * mfu) * 1000
     inputs = [s.table for s in streams(cfg) if s.kind == "input"]
     per_table = {t.name: _table_ms(cfg, world, t.rows, t.width, inputs.count(t.name)) for t in tables(cfg)}

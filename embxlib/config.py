@@ -67,7 +67,7 @@ class Config:
     ve_shift: int = 0  # shift the early group of value-embedding layers this many layers deeper
     ve_remove: tuple[int, ...] = ()  # layers whose value embedding is removed (a table no layer uses is dropped)
     ve_layers: tuple[int, ...] = ()  # explicit per-layer table index (-1: none), length num_layers; overrides layout
-    token_lambdas: str = ""  # per-token lambda embeddings (vocab, 1) per layer on this stream (x00, x01, ...); empty: off
+    token_lambdas: str = ""  # per-token lambda embeddings (vocab, 1) per layer on this input stream (x00, x01, ..., bigram); empty: off
     ve_init_std: float = 1.0  # value-embedding tables start N(0, std^2) (nn.Embedding's 1; the 2026-02-03 VeTuned record 0.01)
     ve_gates: str = "off"  # value embedding times a per-head gate 2 sigmoid(W g): g = norm(x)[:ve_gate_dim] (x), or its first half and ve's (x_ve)
     ve_gate_dim: int = 16  # channels the value-embedding gate reads (upstream medium record 18: 16; VeTuned: 6 + 6)
@@ -263,7 +263,8 @@ class Config:
         if self.ve_gates == "x_ve" and self.ve_gate_dim % 2:
             bad("ve_gate_dim", "x_ve gates read half their channels from x and half from ve: must be even")
         if self.token_lambdas:
-            allowed = [f"x0{k}" for k in range(self.extra_embeds + 1)]
+            from .streams import input_streams  # (it imports this module)
+            allowed = [s.name for s in input_streams(self)]
             if self.token_lambdas not in allowed:
                 bad("token_lambdas", f"allowed: '' (off) or one of {allowed}")
         if self.train_seq_len % self.attn_block_size or self.val_seq_len % self.attn_block_size:

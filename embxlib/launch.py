@@ -386,7 +386,7 @@ def run_notebook(parameters: dict, output: Path, notebook: Path = NOTEBOOK, stdo
 
 
 def sweep_runs(grid: dict, seeds, base: dict | None = None) -> list[tuple[str, dict]]:
-    """(run_name, parameters) for every combination of the grid and every seed, named from the parameters.
+    """(run_name, parameters) for every seed and combination of the grid, seed by seed, named from the parameters.
     Raises ValueError naming the setting when a value has the wrong shape or two runs would share a folder."""
     if not isinstance(grid, dict):
         raise ValueError(f"grid={grid!r}: expected a mapping Config field -> list of values, e.g. {{extra_embeds: [0, 1]}}")
@@ -409,8 +409,10 @@ def sweep_runs(grid: dict, seeds, base: dict | None = None) -> list[tuple[str, d
                          f"{'base' if clash[0] in base else 'grid'}")
     keys = list(grid)
     out = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        for seed in seeds:
+    # seed-major: every variant's run of seed 0, then of seed 1, ...: a slow spell of the machine (or a sweep cut
+    # short) lands on every arm alike, and the finished seeds are pairs
+    for seed in seeds:
+        for values in itertools.product(*(grid[k] for k in keys)):
             p = {**base, **dict(zip(keys, values)), "seed": seed}
             label = "_".join(f"{k}{_label(v)}" for k, v in zip(keys, values)) or "base"
             out.append((check_folder_name("run name", f"{label}_s{seed}"), p))

@@ -257,6 +257,14 @@ def test_sweep_run_names_are_plain_folders():
         launch.sweep_runs({"data_dir": ["a/b", "a_b"]}, [0])
 
 
+def test_sweeps_run_seed_by_seed():
+    """Arms interleaved by seed: machine drift, or a sweep stopped early, hits every variant alike."""
+    names = [n for n, _ in launch.sweep_runs({"extra_embeds": [0, 1], "bigram_embeds": [0, 1]}, [0, 1])]
+    assert names[:4] == ["extra_embeds0_bigram_embeds0_s0", "extra_embeds0_bigram_embeds1_s0",
+                         "extra_embeds1_bigram_embeds0_s0", "extra_embeds1_bigram_embeds1_s0"]
+    assert [n[-2:] for n in names] == ["s0"] * 4 + ["s1"] * 4
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(resume="yes"), "resume='yes': expected true or false"),
     (dict(progress=1), "progress=1: expected true or false"),

@@ -62,13 +62,12 @@ class X01Reference(nn.Module):
             if i in (9, 10, 11):
                 j = {9: 6, 10: 4, 11: 2}[i]
                 x = x + skip_w[j] * outs[j]
-            x = lam[i][0] * x + lam[i][1] * x00 + lam[i][2] * x01
+            x = self.mix(i, lam[i][0] * x + lam[i][1] * x00 + lam[i][2] * x01, tokens)
             if i != 7:
                 w = next(attn)
                 q, k, v = F.linear(x, w[:3].flatten(end_dim=1)).view(1, T, 3 * self.H, self.hd).chunk(3, dim=-2)
                 q, k = self.rotary(rms(q)), self.rotary(rms(k))
-                v = rms(v)
-                v = sa[i][0] * v + sa[i][1] * ve[i].view_as(v) if ve[i] is not None else sa[i][0] * v
+                v = self.value(i, x, rms(v), sa[i], ve[i])
                 y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    attn_mask=masks[layout[i]], scale=0.12).transpose(1, 2)
                 x = x + F.linear(y.reshape(1, T, self.H * self.hd), w[3])
@@ -76,6 +75,12 @@ class X01Reference(nn.Module):
             x = x + F.linear(h, self.proj_w[i])
             outs.append(x)
         return rms(x)
+
+    def mix(self, i, x, tokens):  # the mixed block input (tests/test_upstream_streams.py adds streams here)
+        return x
+
+    def value(self, i, x, v, sa, ve):  # the attention values (tests/test_upstream_streams.py gates ve here)
+        return sa[0] * v + sa[1] * ve.view_as(v) if ve is not None else sa[0] * v
 
     def loss(self, x, targets, chunks=1):  # training: one chunk; validation: the mean of 4 chunk means
         w = self.lm_head_w.bfloat16() if self.bf16 else self.lm_head_w
@@ -86,9 +91,11 @@ class X01Reference(nn.Module):
         return total
 
 
-def models(bf16: bool):
+def models(bf16: bool, ref_class=None, **cfg_kw):
+    """Our medium_x01 (narrowed) with every weight given a value that matters, and the reference (X01Reference, or
+    ref_class(bf16)) holding the same weights."""
     cfg = medium_x01(model_dim=D, num_heads=H, mlp_dim=MLP, train_seq_len=T, val_seq_len=T,
-                     precision="bf16" if bf16 else "fp32", device="cpu")
+                     precision="bf16" if bf16 else "fp32", device="cpu", **cfg_kw)
     torch.manual_seed(0)
     ours = GPT(cfg)
     with torch.no_grad():  # give the zero-initialised projections, the head and the lambdas values that matter
@@ -96,7 +103,8 @@ def models(bf16: bool):
             if p.dim() >= 2 and not p.abs().sum():
                 p.copy_(torch.randn_like(p, dtype=torch.float32) * 0.02)
         ours.scalars.copy_(ours.scalars + 0.3 * torch.randn_like(ours.scalars))
-    ref = X01Reference(bf16=bf16)
+    ref = (ref_class or X01Reference)(bf16=bf16)
+    lam = ours.block_lambdas()
     with torch.no_grad():
         ref.embed1.weight.copy_(ours.embed.weight[:, :D])
         ref.embed2.weight.copy_(ours.embed.weight[:, D:])
@@ -107,8 +115,8 @@ def models(bf16: bool):
         for i, b in enumerate(ours.blocks):
             ref.fc_w[i].copy_(b.mlp.fc_w)
             ref.proj_w[i].copy_(b.mlp.proj_w)
-        ref.lm_head_w.copy_(ours.lm_head_w)
-        ref.scalars.copy_(ours.scalars)
+        ref.lm_head_w.copy_(ours.lm_head_w)  # upstream's scalars: skip weights, x/x00/x01 lambdas, SA lambdas
+        ref.scalars.copy_(torch.cat([ours.skip_weights(), lam[:, :3].flatten(), ours.sa_lambdas().flatten()]))
     return ours, ref
 
 

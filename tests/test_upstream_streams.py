@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embxlib.config import medium_x01, tiny
+from embxlib.config import tiny
 from embxlib.model import GPT
 from embxlib.streams import bigram_rows
-from test_upstream import MLP, X01Reference, D, H, T, W, data, rms
+from test_upstream import X01Reference, D, H, T, W, data, rms
+from test_upstream import models as x01_models
 
 torch.set_num_threads(2)
 
@@ -45,80 +46,37 @@ class StreamsReference(X01Reference):
         self.ve_gates = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(H, width)) for i in (0, 1, 2, 3, 4, 11, 12,
                                           13, 14, 15)}) if gates else None
 
-    def trunk(self, tokens, masks):
-        ve = [t(tokens) for t in self.value_embeds]
-        ve = ve + [None] * 6 + ve
-        layout = "LSSSLSSSSSSLSSSL"
-        x = x00 = rms(self.embed1(tokens)[None])
-        x01 = rms(self.embed2(tokens)[None])
-        x0_bigram = self.bigram_embed(get_bigram_hash(tokens, self.bigram_vocab_size))[None] \
-            if self.bigram_embed is not None else None
-        skip_w, lam, sa = self.scalars[:16], self.scalars[16:64].view(16, 3), self.scalars[64:].view(16, 2)
-        outs, attn = [], iter(self.qkvo_w)
-        for i in range(16):
-            if i in (9, 10, 11):
-                j = {9: 6, 10: 4, 11: 2}[i]
-                x = x + skip_w[j] * outs[j]
-            x = lam[i][0] * x + lam[i][1] * x00 + lam[i][2] * x01
-            if x0_bigram is not None:
-                x = x + self.bigram_lambdas[i] * x0_bigram
-            if i != 7:
-                w = next(attn)
-                q, k, v = F.linear(x, w[:3].flatten(end_dim=1)).view(1, T, 3 * self.H, self.hd).chunk(3, dim=-2)
-                q, k = self.rotary(rms(q)), self.rotary(rms(k))
-                v = rms(v)
-                if ve[i] is not None and self.gates:
-                    g = self.ve_gates[str(i)].type_as(x)  # CastedLinear: the weight in the input's dtype
-                    if self.gates == "x":  # record 18
-                        ve_gate_out = 2 * torch.sigmoid(F.linear(rms(x)[..., :16], g)).view(1, T, self.H, 1)
-                    else:  # VeTuned
-                        ve_gate_out = 2 * torch.sigmoid(F.linear(torch.cat([rms(x)[..., :6], ve[i][None, ..., :6]],
-                                                                           dim=-1), g)).view(1, T, self.H, 1)
-                    v = sa[i][0] * v
-                    v = v + ve_gate_out * ve[i].view_as(v)
-                else:
-                    v = sa[i][0] * v + sa[i][1] * ve[i].view_as(v) if ve[i] is not None else sa[i][0] * v
-                y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                   attn_mask=masks[layout[i]], scale=0.12).transpose(1, 2)
-                x = x + F.linear(y.reshape(1, T, self.H * self.hd), w[3])
-            h = F.relu(F.linear(rms(x), self.fc_w[i])).square()
-            x = x + F.linear(h, self.proj_w[i])
-            outs.append(x)
-        return rms(x)
+    def mix(self, i, x, tokens):  # record 2026-01-19: x = resid * x + x0_lambdas * x0 + bigram_lambdas * x0_bigram
+        if self.bigram_embed is None:
+            return x
+        x0_bigram = self.bigram_embed(get_bigram_hash(tokens, self.bigram_vocab_size))[None]
+        return x + self.bigram_lambdas[i] * x0_bigram
+
+    def value(self, i, x, v, sa, ve):
+        if ve is None or not self.gates:
+            return super().value(i, x, v, sa, ve)
+        g = self.ve_gates[str(i)].type_as(x)  # CastedLinear: the weight in the input's dtype
+        B, T, H = 1, x.size(1), self.H
+        if self.gates == "x":  # medium record 18 (its attention input is norm(x))
+            ve_gate_out = 2 * torch.sigmoid(F.linear(rms(x)[..., :16], g)).view(B, T, H, 1)
+        else:  # VeTuned
+            ve_gate_out = 2 * torch.sigmoid(F.linear(torch.cat([rms(x)[..., :6], ve[None, ..., :6]], dim=-1),
+                                                     g)).view(B, T, H, 1)
+        v = sa[0] * v  # (upstream folds sa_lambdas[0] into the qkv weights)
+        return v + ve_gate_out * ve.view_as(v)
 
 
 def models(bf16, bigram, gates):
-    cfg = medium_x01(model_dim=D, num_heads=H, mlp_dim=MLP, train_seq_len=T, val_seq_len=T, device="cpu",
-                     precision="bf16" if bf16 else "fp32", bigram_embeds=int(bigram), ve_gates=gates or "off",
-                     ve_gate_dim=12 if gates == "x_ve" else 16)
-    torch.manual_seed(0)
-    ours = GPT(cfg)
-    with torch.no_grad():  # the zero-initialised tables, projections, gates and head get values that matter
-        for p in ours.parameters():
-            if p.dim() >= 2 and not p.abs().sum():
-                p.copy_(torch.randn_like(p, dtype=torch.float32) * 0.02)
-        ours.scalars.copy_(ours.scalars + 0.3 * torch.randn_like(ours.scalars))
-    ref = StreamsReference(bf16, bigram, gates)
-    lam = ours.block_lambdas()
-    with torch.no_grad():
-        ref.embed1.weight.copy_(ours.embed.weight[:, :D])
-        ref.embed2.weight.copy_(ours.embed.weight[:, D:])
-        for t in range(5):
-            ref.value_embeds[t].weight.copy_(ours.value_embed.weight[:, t * D:(t + 1) * D])
-        for w, b in zip(ref.qkvo_w, [b for b in ours.blocks if b.attn is not None]):
-            w.copy_(b.attn.qkvo_w)
-        for i, b in enumerate(ours.blocks):
-            ref.fc_w[i].copy_(b.mlp.fc_w)
-            ref.proj_w[i].copy_(b.mlp.proj_w)
-            if gates and b.attn is not None and b.attn.ve_gate_w is not None:
-                ref.ve_gates[str(i)].copy_(b.attn.ve_gate_w)
-        ref.lm_head_w.copy_(ours.lm_head_w)
-        L = 16
-        ref.scalars.copy_(torch.cat([ours.skip_weights(), lam[:, :3].flatten(), ours.sa_lambdas().flatten()]))
+    ours, ref = x01_models(bf16, lambda bf16: StreamsReference(bf16, bigram, gates), bigram_embeds=int(bigram),
+                           ve_gates=gates or "off", ve_gate_dim=12 if gates == "x_ve" else 16)
+    with torch.no_grad():  # the new parameters' values (the zero-init ones were given values by x01_models)
         if bigram:
             ref.bigram_embed.weight.copy_(ours.bigram_embed.weight)
-            ref.bigram_lambdas.copy_(lam[:, 3])
-        assert ours.scalars.numel() == L * (1 + lam.size(1) + 2)
+            ref.bigram_lambdas.copy_(ours.block_lambdas()[:, 3])
+        for i, b in enumerate(ours.blocks):
+            if gates and b.attn is not None and b.attn.ve_gate_w is not None:
+                ref.ve_gates[str(i)].copy_(b.attn.ve_gate_w)
+    assert ours.scalars.numel() == 16 * (1 + ours.block_lambdas().size(1) + 2)
     return ours, ref
 
 

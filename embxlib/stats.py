@@ -440,6 +440,16 @@ def family(table: pd.DataFrame, comparisons, value: str = "val_loss", alpha: flo
     return out
 
 
+def combine_family(*tables, alpha: float = 0.05) -> pd.DataFrame:
+    """Several family tables (e.g. final losses and time-matched losses) as one family: Holm again over all rows,
+    since a post that asks both questions can be wrong in either."""
+    out = pd.concat([t for t in tables if len(t)], ignore_index=True)
+    if len(out):
+        out["p_holm"], out["reject_holm"] = holm(out["p_value"], alpha)
+        out["m"] = len(out)
+    return out
+
+
 def time_matched(df: pd.DataFrame, variant: str, baseline: str, seeds: pd.DataFrame | None = None) -> pd.DataFrame:
     """The loss of both arms at the same training time, read off the runs' own clocks: where the runs of one seed
     pair up (both arms, seed given), at the time the faster of the two ends; otherwise at the earliest end of any

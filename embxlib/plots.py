@@ -88,7 +88,12 @@ def _outside_legend(ax) -> None:
     if not handles:
         return
     if len(ax.figure.axes) == 1 and ax.figure.get_layout_engine() is not None:
-        ax.figure.legend(handles, labels, fontsize="small", loc="outside right upper")
+        # below the axes, so that the axes keep the figure's width and the (wrapped) title stays clear of it
+        # as many columns as fit the width: ~0.6 em per character of the small font plus the handle and padding
+        size = mpl.font_manager.FontProperties(size="small").get_size_in_points()
+        column = 0.6 * size * max(len(label) for label in labels) + 40
+        ncols = max(1, min(len(handles), int(0.95 * ax.figure.get_figwidth() * 72 // column)))
+        ax.figure.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=ncols, frameon=False)
     else:
         ax.legend(handles, labels, fontsize="small")
 

@@ -41,8 +41,14 @@ def test_long_titles_wrap_and_legends_sit_beside_the_data(runs, tmp_path):
     assert "\n" in ax.get_title() and ax.get_title().replace("\n", " ") == title
     assert page.x0 <= text.x0 and text.x1 <= page.x1  # the whole title is on the figure
     legend = fig.legends[0].get_window_extent(renderer)
-    assert legend.x0 >= ax.get_window_extent(renderer).x1  # right of the axes, over none of the data
-    assert legend.x1 <= page.x1
+    assert legend.y1 <= ax.get_tightbbox(renderer).y0  # below the axes and their labels, over none of the data
+    assert page.x0 <= legend.x0 and legend.x1 <= page.x1 and legend.y0 >= page.y0
+    # long labels (the value-embedding post's) take fewer columns, never more than the width
+    names = {v: f"no value embedding at layer {v}, a long label" for v in "abc"}
+    fig = plot_val_loss(runs.assign(variant=runs["run"].map(names)), x="step", average=True, target=3.0)
+    save(fig, tmp_path / "g.png")
+    legend = fig.legends[0].get_window_extent(fig._get_renderer())
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1
 
 
 def test_every_run_is_drawn(runs):

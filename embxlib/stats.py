@@ -488,6 +488,21 @@ def time_matched(df: pd.DataFrame, variant: str, baseline: str, seeds: pd.DataFr
     return pd.DataFrame(rows).drop(columns=["Index"])
 
 
+def past_reference(finals: pd.DataFrame, reference: float, level: float = 0.95) -> pd.DataFrame:
+    """How far each variant's final losses end below a reference loss (e.g. the bigram model's): per variant, runs,
+    the mean of reference - loss with its two-sided `level` t interval, and how many runs end below it. Models
+    that sit near an n-gram reference have learned little more than it; this says how much more."""
+    rows = []
+    for variant, g in finals.groupby("variant", sort=False):
+        gap = reference - g["val_loss"].to_numpy(dtype=float)
+        half = (stats.t.ppf(0.5 + level / 2, len(gap) - 1) * gap.std(ddof=1) / np.sqrt(len(gap))
+                if len(gap) > 1 else float("nan"))
+        rows.append({"variant": variant, "n": len(gap), "gap_mean": float(gap.mean()),
+                     "ci_low": float(gap.mean() - half), "ci_high": float(gap.mean() + half),
+                     "n_below": int((gap > 0).sum())})
+    return pd.DataFrame(rows)
+
+
 def common_window(df: pd.DataFrame, start: float | None = None, end: float | None = None,
                   x: str = "train_time_s") -> tuple[float, float]:
     """The part of [start, end] (default: everything) that every run of df covers: from the latest first point

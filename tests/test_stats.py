@@ -484,3 +484,12 @@ def test_orient_runs_by_hand():
     assert oriented.attrs["reference_layer"] == 1
     assert oriented["value"].tolist() == [0.1, 2.0, 0.1, 1.0, 0.2, 3.0]
     assert oriented["flipped"].tolist() == [False, False, True, True, False, False]
+
+
+def test_past_reference_by_hand():
+    finals = pd.DataFrame({"variant": ["a", "a", "a", "b"], "val_loss": [5.0, 5.2, 5.1, 5.5]})
+    table = S.past_reference(finals, 5.4).set_index("variant")
+    half = scipy_stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)  # gaps 0.4, 0.2, 0.3: mean 0.3, SD 0.1
+    assert table.loc["a", "gap_mean"] == pytest.approx(0.3)
+    assert (table.loc["a", "ci_low"], table.loc["a", "ci_high"]) == pytest.approx((0.3 - half, 0.3 + half))
+    assert table.loc["a", "n_below"] == 3 and table.loc["b", "n_below"] == 0 and np.isnan(table.loc["b", "ci_low"])

@@ -254,16 +254,20 @@ def rank_by_window(df: pd.DataFrame, start: float, end: float, x: str = "train_t
     """Variants from best to worst by mean loss over a window of x (seed 004's "in the time before that").
 
     Each run's loss is interpolated onto an even grid over [start, end] so that the mean weighs time (or steps)
-    evenly, then averaged over the part the run covers, then over the variant's runs.
+    evenly, then averaged over the part the run covers, then over the variant's runs. A run that covers less of
+    the window is averaged over a different span (one that ends later gets an extra low-loss tail): the column
+    covered is the smallest share of the window a run of the variant covers, and rank_common_window ranks over
+    the part every run covers.
     """
     grid = np.linspace(start, end, n_grid)
     per_run = [
-        (group["variant"].iloc[0], np.nanmean(curve) if (~np.isnan(curve)).any() else np.nan)
+        (group["variant"].iloc[0], np.nanmean(curve) if (~np.isnan(curve)).any() else np.nan,
+         float((~np.isnan(curve)).mean()))
         for _, group in df.groupby("run", sort=False)
         for curve in [_on_grid(group, x, grid)]
     ]
-    table = pd.DataFrame(per_run, columns=["variant", "mean_loss"]).groupby("variant", sort=False).agg(
-        mean_loss=("mean_loss", "mean"), n_runs=("mean_loss", "count")).reset_index()
+    table = pd.DataFrame(per_run, columns=["variant", "mean_loss", "covered"]).groupby("variant", sort=False).agg(
+        mean_loss=("mean_loss", "mean"), n_runs=("mean_loss", "count"), covered=("covered", "min")).reset_index()
     table = table.sort_values("mean_loss", kind="stable", na_position="last").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table

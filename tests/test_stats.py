@@ -439,8 +439,9 @@ def test_common_window_and_ranking_on_it():
     assert S.common_window(val) == (0.0, 10.0) and S.common_window(val, start=5, end=30) == (5.0, 10.0)
     with pytest.raises(ValueError, match="no train_time_s window"):
         S.common_window(val, start=12)
-    own_span = rank_by_window(val, 0, 20).set_index("variant")["mean_loss"]
-    assert own_span["B"] < own_span["A"]  # the bias: b is averaged over a span a never reached
+    own_span = rank_by_window(val, 0, 20).set_index("variant")
+    assert own_span.loc["B", "mean_loss"] < own_span.loc["A", "mean_loss"]  # the bias: b's span a never reached
+    assert own_span["covered"].to_dict() == pytest.approx({"A": 0.5, "B": 1.0}, abs=0.01)  # and the column shows it
     ranking, window = S.rank_common_window(val, 0, 20)
     assert window == (0.0, 10.0) and ranking["mean_loss"].tolist() == pytest.approx([3.0, 3.0])
     with pytest.raises(ValueError, match="do not all cover"):

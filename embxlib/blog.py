@@ -82,11 +82,14 @@ def data_end(val, x: str = "train_time_s", step: int = 10) -> int:
 
 
 def final_table(final) -> str:
-    """stats.final_stats as a markdown table for a post: runs, mean and std (ddof=0) of the final loss, mean time,
-    the record t-test's p and Welch's p against the baseline ('-' where there is none)."""
+    """stats.final_stats as a markdown table for a post: runs, mean and SD of the final loss (the ddof the table was
+    computed with, named in the header), mean time, the record t-test's one-sided p and Welch's one-sided p against
+    the baseline ('-' where there is none)."""
     def p(v):
         return "-" if v != v else f"{v:.1e}" if v < 0.01 else f"{v:.3f}"
-    head = "| variant | runs | final loss, mean | std | time (s), mean | p (mean < target) | p (Welch vs baseline) |"
+    ddof = int(final["std_ddof"].iloc[0]) if "std_ddof" in final else 0
+    head = (f"| variant | runs | final loss, mean | SD (ddof = {ddof}) | time (s), mean | p, one-sided (mean < target) "
+            "| p, Welch one-sided (variant < baseline) |")
     lines = [head, "|:--|--:|--:|--:|--:|--:|--:|"]
     for r in final.itertuples():
         lines.append(f"| {r.variant} | {r.n} | {r.loss_mean:.4f} | {r.loss_std:.4f} | {r.time_s_mean:.1f} | "
@@ -95,12 +98,13 @@ def final_table(final) -> str:
 
 
 def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str = "std", zoom_from=None,
-               alpha: float = 0.05, root=None, refs: dict | None = None):
+               alpha: float = 0.05, root=None, refs: dict | None = None, table: bool = True):
     """A post section comparing variants with a baseline, computed from the validation table `val`: mean curves
     per step (all steps and from `zoom_from` on) and per training time, saved as images/<slug>/<prefix>-*.png, and
     the final-loss table with two-sided Welch tests (stats.compare_to_baseline), each followed by what it shows
     at level `alpha`, its 95% confidence interval and the runs per arm that would show a difference that size
     (stats.seeds_needed). refs ({label: loss}) are drawn as reference lines in the full-range figures.
+    table=False: the figures only, for a post that tests its whole family at once (stats.family, family_table).
     Returns the Markdown to display."""
     import pandas as pd
     from IPython.display import Markdown
@@ -119,6 +123,8 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
     parts.append(figure(plots.plot_val_loss(df, x="train_time_s", average=True, band=band, refs=refs), slug,
                         f"{prefix}-time.png",
                         f"{prefix}: validation loss per training time", root).data)
+    if not table:
+        return Markdown("\n\n".join(parts))
     table = stats.compare_to_baseline(df, baseline, order)
     cols = [c for c in ("variant", "n", "loss_mean", "loss_std", "diff", "ci_low", "ci_high", "p_two_sided",
                         "seeds_needed", "ms_per_step", "step_time_ratio") if c in table]
@@ -138,6 +144,54 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
         lines.append(f"- **{row.variant}** ({row.n} runs vs {table['n'].iloc[0]}): {verdict}.")
     parts.append("\n".join(lines))
     return Markdown("\n\n".join(parts))
+
+
+def pval(p: float) -> str:
+    """A p-value for a sentence or a table: two significant digits (scientific below 0.001), '-' for none."""
+    return "-" if p != p else f"{p:.1e}" if p < 0.001 else f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+
+
+def effect_text(row, unit: str = "") -> str:
+    """'-0.0394, 95% CI [-0.0529, -0.0260] (paired over 12 seeds; p = 4.6e-05, Holm-adjusted over 7: 3.2e-04)'
+    from a row of stats.family."""
+    design = (f"paired over {row.n_pairs} seeds" if row.design == "paired"
+              else f"Welch, {row.n_variant} runs vs {row.n_baseline}")
+    m = getattr(row, "m", 1)
+    holm = f", Holm-adjusted over {int(m)}: {pval(row.p_holm)}" if m == m and m > 1 else ""
+    return (f"{row.diff:+.4f}{unit}, 95% CI [{row.ci_low:+.4f}, {row.ci_high:+.4f}] ({design}; "
+            f"p = {pval(row.p_value)}{holm})")
+
+
+def verdict(row, what: str, alpha: float = 0.05, measure: str = "final loss") -> str:
+    """What one comparison of a stats.family table supports at family-wise level alpha (Holm): a direction only
+    where the adjusted p is below alpha; otherwise what the interval allows and, for the design used, how many
+    seeds a difference of this size would need (at alpha before correction, 80% power)."""
+    text = effect_text(row)
+    if row.reject_holm:
+        return f"{what} {'lowers' if row.diff < 0 else 'raises'} the {measure}: {text}"
+    unit = "seeds (pairs)" if row.design == "paired" else "runs per arm"
+    need = (f"; a difference this size would need about {int(row.seeds_needed)} {unit} to show at p < {alpha} "
+            f"with 80% power" if math.isfinite(row.seeds_needed) else "")
+    if row.p_value < alpha:
+        return (f"{what}: not shown once the family is corrected: {text}; uncorrected it would read as "
+                f"{'lower' if row.diff < 0 else 'higher'}{need}")
+    return f"{what}: no difference shown: {text}{need}"
+
+
+def family_table(table) -> str:
+    """A stats.family table as markdown: every comparison of the post with its design, effect and 95% CI, t, df,
+    raw and Holm-adjusted p, the correlation of the pairs and the seeds a difference that size would need."""
+    head = ("| comparison | design | n | difference | 95% CI | t | df | p (raw) | p (Holm) | pair correlation "
+            "| seeds needed |")
+    lines = [head, "|:--|:--|--:|--:|:--|--:|--:|--:|--:|--:|--:|"]
+    for r in table.itertuples():
+        n = f"{r.n_pairs} pairs" if r.design == "paired" else f"{r.n_variant} vs {r.n_baseline}"
+        corr = "-" if r.corr != r.corr else f"{r.corr:.2f}"
+        need = "-" if not math.isfinite(r.seeds_needed) else str(int(r.seeds_needed))
+        label = getattr(r, "label", f"{r.variant} vs {r.baseline}")
+        lines.append(f"| {label} | {r.design} | {n} | {r.diff:+.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | "
+                     f"{r.t_stat:.2f} | {r.df:.1f} | {pval(r.p_value)} | {pval(r.p_holm)} | {corr} | {need} |")
+    return "\n".join(lines)
 
 
 def _clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:

@@ -70,6 +70,34 @@ def _palette(names) -> dict:
     return dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
 
 
+def _title(ax, text: str, **kwargs) -> None:
+    # a title longer than the axes is cut off at the figure's edge: wrap it onto lines that fit the figure's width
+    import textwrap
+    fontsize = mpl.font_manager.FontProperties(size=kwargs.get("fontsize", mpl.rcParams["axes.titlesize"])).get_size_in_points()
+    # about 0.6 em per character of the default font; 80% of the width, as the title centres on the axes, which a
+    # legend beside them pushes left
+    chars = int(0.8 * ax.figure.get_figwidth() * 72 / (0.6 * fontsize))
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), **kwargs)
+
+
+def _outside_legend(ax) -> None:
+    # beside the axes, never over them: a legend inside covers whichever curves or bars sit in its corner. A figure
+    # legend "outside" is placed by constrained layout, and so is the same at every save; in a figure of several
+    # axes (drawn into a given ax) each keeps its own legend inside
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(ax.figure.axes) == 1 and ax.figure.get_layout_engine() is not None:
+        # below the axes, so that the axes keep the figure's width and the (wrapped) title stays clear of it
+        # as many columns as fit the width: ~0.6 em per character of the small font plus the handle and padding
+        size = mpl.font_manager.FontProperties(size="small").get_size_in_points()
+        column = 0.6 * size * max(len(label) for label in labels) + 40
+        ncols = max(1, min(len(handles), int(0.95 * ax.figure.get_figwidth() * 72 // column)))
+        ax.figure.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=ncols, frameon=False)
+    else:
+        ax.legend(handles, labels, fontsize="small")
+
+
 def _fit_y(ax, ys, pad: float = 0.05) -> None:
     # matplotlib scales y to all the data, not to the zoom window: fit it to what is visible
     ys = np.concatenate([np.asarray(y, dtype=float) for y in ys]) if ys else np.array([])
@@ -134,9 +162,9 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
         _fit_y(ax, visible + ([[target]] if target is not None and _near(target, visible) else []))
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel("validation loss")
-    ax.set_title(title or f"validation loss vs {AXIS_LABELS.get(x, x)}")
+    _title(ax, title or f"validation loss vs {AXIS_LABELS.get(x, x)}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _outside_legend(ax)
     return fig
 
 
@@ -155,8 +183,11 @@ def plot_layer_lambdas(final: pd.DataFrame, streams=None, ylabel: str = "lambda"
                 errorbar="sd" if n_runs > 1 else None, ax=ax)
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title or (f"{ylabel} per layer, mean of {n_runs} runs" if n_runs > 1 else f"{ylabel} per layer"))
+    _title(ax, title or (f"{ylabel} per layer, mean of {n_runs} runs" if n_runs > 1 else f"{ylabel} per layer"))
     ax.grid(axis="y", alpha=0.3)
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+        _outside_legend(ax)
     return fig
 
 
@@ -192,11 +223,11 @@ def plot_layer_lambdas_runs(final: pd.DataFrame, streams=None, ylabel: str = "la
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     signs = "; ".join(f"{s} at layer(s) {','.join(map(str, layers))}" for s, layers in mixed.items()) or "nowhere"
-    ax.set_title((title or f"{ylabel} per layer, one line per run ({n_runs} runs)")
-                 + f"\nsigns differ across runs: {signs}", fontsize="medium")
+    _title(ax, (title or f"{ylabel} per layer, one line per run ({n_runs} runs)")
+           + f"\nsigns differ across runs: {signs}", fontsize="medium")
     ax.grid(alpha=0.3)
     if len(data):
-        ax.legend(fontsize="small")
+        _outside_legend(ax)
     return fig
 
 
@@ -214,7 +245,7 @@ def plot_lambda_trajectories(lam: pd.DataFrame, stream: str, ax=None, title: str
     n_runs = data["run"].nunique()
     ax.set_xlabel("step")
     ax.set_ylabel(f"{stream} lambda")
-    ax.set_title(title or f"{stream} lambdas over training" + (f", mean of {n_runs} runs" if n_runs > 1 else ""))
+    _title(ax, title or f"{stream} lambdas over training" + (f", mean of {n_runs} runs" if n_runs > 1 else ""))
     ax.grid(alpha=0.3)
     return fig
 

@@ -256,16 +256,20 @@ def rank_by_window(df: pd.DataFrame, start: float, end: float, x: str = "train_t
     """Variants from best to worst by mean loss over a window of x (seed 004's "in the time before that").
 
     Each run's loss is interpolated onto an even grid over [start, end] so that the mean weighs time (or steps)
-    evenly, then averaged over the part the run covers, then over the variant's runs.
+    evenly, then averaged over the part the run covers, then over the variant's runs. A run that covers less of
+    the window is averaged over a different span (one that ends later gets an extra low-loss tail): the column
+    covered is the smallest share of the window a run of the variant covers, and rank_common_window ranks over
+    the part every run covers.
     """
     grid = np.linspace(start, end, n_grid)
     per_run = [
-        (group["variant"].iloc[0], np.nanmean(curve) if (~np.isnan(curve)).any() else np.nan)
+        (group["variant"].iloc[0], np.nanmean(curve) if (~np.isnan(curve)).any() else np.nan,
+         float((~np.isnan(curve)).mean()))
         for _, group in df.groupby("run", sort=False)
         for curve in [_on_grid(group, x, grid)]
     ]
-    table = pd.DataFrame(per_run, columns=["variant", "mean_loss"]).groupby("variant", sort=False).agg(
-        mean_loss=("mean_loss", "mean"), n_runs=("mean_loss", "count")).reset_index()
+    table = pd.DataFrame(per_run, columns=["variant", "mean_loss", "covered"]).groupby("variant", sort=False).agg(
+        mean_loss=("mean_loss", "mean"), n_runs=("mean_loss", "count"), covered=("covered", "min")).reset_index()
     table = table.sort_values("mean_loss", kind="stable", na_position="last").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
@@ -315,3 +319,279 @@ def mixing_shares(final: pd.DataFrame, norms=None) -> pd.DataFrame:
     shares = wide.div(wide.abs().sum(axis=1), axis=0)
     streams = sorted(shares.columns, key=lambda s: (s != "x", s))
     return shares[streams].stack().rename("value").reset_index()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# comparisons a reviewer would sign: paired where runs share seeds, Holm over a post's family, effect with CI,
+# power for the design used, time-matched losses from the runs' own clocks, windows every run covers.
+# One SD convention throughout this section: the sample SD (ddof=1), the one the t-tests use.
+
+SD_LABEL = "SD (sample, ddof = 1)"
+MIN_PAIRS = 3  # below 3 pairs the paired t has 1 degree of freedom: its interval is too wide to be worth the design
+
+
+def seeds_needed_paired(effect: float, sd_diff: float, alpha: float = 0.05, power: float = 0.8):
+    """Pairs (seeds, each run in both arms) for a two-sided paired t-test to detect a mean difference `effect`
+    when the per-seed differences scatter with SD sd_diff (statsmodels' TTestPower on d_z = effect / sd_diff).
+    Where the arms' runs are correlated, sd_diff is below the two arms' SD and fewer seeds are needed than
+    seeds_needed (the unpaired design) says."""
+    from statsmodels.stats.power import TTestPower
+    if effect == 0 or not np.isfinite(effect / sd_diff):
+        return float("inf")
+    test, d = TTestPower(), abs(effect) / sd_diff
+    n = test.solve_power(effect_size=d, alpha=alpha, power=power, alternative="two-sided")
+    if not np.isfinite(n):  # as in seeds_needed: the solver gives up at the smallest samples
+        return 2 if test.power(effect_size=d, nobs=2, alpha=alpha) >= power else float("inf")
+    return max(2, int(np.ceil(n)))
+
+
+def compare(variant, baseline, variant_keys=None, baseline_keys=None, level: float = 0.95, alpha: float = 0.05,
+            power: float = 0.8, min_pairs: int = MIN_PAIRS) -> dict:
+    """Two-sided comparison of the variant's values with the baseline's (diff = variant - baseline).
+
+    Paired (scipy's ttest_rel on the runs of the keys both arms have) when keys are given, unique within each arm,
+    and at least min_pairs keys are shared: runs of one seed share what the seed sets (for embxlib runs the
+    initialisation and the batch order), so their difference cancels that part of the run-to-run scatter.
+    Whether to pair is decided by the design (the keys), never by which test gives the smaller p. Otherwise
+    Welch's test (unequal variances). `design` says which and `why` says why in words; runs of one arm whose seed
+    the other lacks are left out of a paired test and counted in n_unpaired.
+
+    Returns diff with its two-sided `level` CI, t, df, p (two-sided), the SD the power uses (of the per-seed
+    differences when paired, pooled otherwise; ddof=1), the correlation of the pairs, and seeds_needed: runs per
+    arm (pairs when paired) for a difference the size of diff at `alpha` with `power`.
+    """
+    a, b = np.asarray(variant, dtype=float), np.asarray(baseline, dtype=float)
+    out = {"n_variant": len(a), "n_baseline": len(b), "mean_variant": float(a.mean()),
+           "mean_baseline": float(b.mean())}
+    why = "no seeds given: Welch"
+    paired = False
+    if variant_keys is not None and baseline_keys is not None:
+        ka, kb = pd.Index(variant_keys), pd.Index(baseline_keys)
+        if not (ka.is_unique and kb.is_unique):
+            why = "a seed repeats within an arm: Welch"
+        else:
+            common = ka.intersection(kb, sort=False)
+            if len(common) < min_pairs:
+                why = f"{len(common)} shared seed{'s' if len(common) != 1 else ''} (fewer than {min_pairs}): Welch"
+            else:
+                paired = True
+                sa, sb = pd.Series(a, index=ka), pd.Series(b, index=kb)
+                a_p, b_p = sa[common].to_numpy(), sb[common].to_numpy()
+                left = len(a) + len(b) - 2 * len(common)
+                why = (f"paired by seed over the {len(common)} seeds both arms ran"
+                       + (f" ({left} run{'s' if left != 1 else ''} without a partner left out)" if left else ""))
+    if paired:
+        result = stats.ttest_rel(a_p, b_p)
+        d = a_p - b_p
+        sd = float(np.std(d, ddof=1))
+        out.update(design="paired", n_pairs=len(d), n_unpaired=len(a) + len(b) - 2 * len(d),
+                   diff=float(d.mean()), corr=float(np.corrcoef(a_p, b_p)[0, 1]),
+                   seeds_needed=seeds_needed_paired(float(d.mean()), sd, alpha, power))
+    else:
+        result = stats.ttest_ind(a, b, equal_var=False)
+        sd = pooled_sd(a, b) if len(a) > 1 and len(b) > 1 else float("nan")
+        out.update(design="Welch", n_pairs=0, n_unpaired=0, diff=float(a.mean() - b.mean()), corr=float("nan"),
+                   seeds_needed=seeds_needed(float(a.mean() - b.mean()), sd, alpha, power))
+    ci = result.confidence_interval(level)
+    out.update(why=why, t_stat=float(result.statistic), df=float(result.df), p_value=float(result.pvalue),
+               ci_low=float(ci.low), ci_high=float(ci.high), level=level, sd=sd, sd_ddof=1)
+    return out
+
+
+def holm(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down correction (statsmodels' multipletests): adjusted p-values and which reject at alpha.
+    It holds the family-wise error rate (the chance of any false claim in the family) at alpha."""
+    from statsmodels.stats.multitest import multipletests
+    p = np.asarray(p_values, dtype=float)
+    if not len(p):
+        return p, np.zeros(0, dtype=bool)
+    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="holm")
+    return adjusted, reject
+
+
+def final_values(df: pd.DataFrame, seeds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The final point of every run (final_points) with finite loss, and its seed when `seeds` (a table with
+    source and seed, e.g. runs.run_settings) is given; runs without a known seed get none."""
+    finals = final_points(df)
+    finals = finals[np.isfinite(finals["val_loss"])].reset_index(drop=True)
+    if seeds is not None and "source" in finals:
+        finals = finals.merge(seeds[["source", "seed"]], on="source", how="left")
+    return finals
+
+
+def _arm(table: pd.DataFrame, variant: str, value: str):
+    arm = table[table["variant"] == variant]
+    keys = arm["seed"].to_numpy() if "seed" in arm and arm["seed"].notna().all() else None
+    return arm[value].to_numpy(dtype=float), keys
+
+
+def family(table: pd.DataFrame, comparisons, value: str = "val_loss", alpha: float = 0.05,
+           level: float = 0.95) -> pd.DataFrame:
+    """Every comparison of a post's family at once: one row per (variant, baseline) pair of `comparisons`, from
+    a table with run, variant, the value column and optionally seed (final_values, time_matched). Each row is
+    compare(...) (paired where seeds allow) plus p_holm, the Holm-adjusted p over the whole family, and
+    reject_holm at alpha. A claim of the family is made only where reject_holm holds."""
+    rows = []
+    for variant, baseline in comparisons:
+        a, ka = _arm(table, variant, value)
+        b, kb = _arm(table, baseline, value)
+        if len(a) < 2 or len(b) < 2:
+            continue
+        rows.append({"variant": variant, "baseline": baseline,
+                     **compare(a, b, ka, kb, level=level, alpha=alpha)})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["p_holm"], out["reject_holm"] = holm(out["p_value"], alpha)
+        out["m"] = len(out)
+    return out
+
+
+def combine_family(*tables, alpha: float = 0.05) -> pd.DataFrame:
+    """Several family tables (e.g. final losses and time-matched losses) as one family: Holm again over all rows,
+    since a post that asks both questions can be wrong in either."""
+    out = pd.concat([t for t in tables if len(t)], ignore_index=True)
+    if len(out):
+        out["p_holm"], out["reject_holm"] = holm(out["p_value"], alpha)
+        out["m"] = len(out)
+    return out
+
+
+def time_matched(df: pd.DataFrame, variant: str, baseline: str, seeds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The loss of both arms at the same training time, read off the runs' own clocks: where the runs of one seed
+    pair up (both arms, seed given), at the time the faster of the two ends; otherwise at the earliest end of any
+    run of either arm, so that every run covers it. Each run's loss is interpolated linearly between its
+    validation points; on a falling, convex curve the chord lies above it, so the interpolated loss of the run
+    still training is if anything too high (a bias against the slower arm). The faster run's loss there is its
+    final, fully cooled-down loss, a second bias against the slower arm, whose schedule has not finished.
+
+    Returns run, variant, seed (when known), at_s (the matched time), val_loss (at at_s), step (at at_s),
+    end_s (the run's own end), one row per run: feed it to family(..., value="val_loss").
+    """
+    runs = [g.sort_values("train_time_s") for _, g in df[df["variant"].isin([variant, baseline])].groupby(
+        "run", sort=False)]
+    info = pd.DataFrame({"run": [g["run"].iloc[0] for g in runs], "variant": [g["variant"].iloc[0] for g in runs],
+                         "source": [g["source"].iloc[0] if "source" in g else None for g in runs],
+                         "end_s": [float(g["train_time_s"].max()) for g in runs]})
+    if seeds is not None:
+        info = info.merge(seeds[["source", "seed"]], on="source", how="left")
+    pair_time = None
+    if "seed" in info and info["seed"].notna().all():
+        per_seed = info.groupby("seed")["variant"].nunique()
+        both = per_seed.index[per_seed == 2]
+        if len(both) >= MIN_PAIRS:
+            info = info[info["seed"].isin(both)]
+            pair_time = info.groupby("seed")["end_s"].min()
+    common = float(info["end_s"].min())
+    rows = []
+    by_run = {g["run"].iloc[0]: g for g in runs}
+    for r in info.itertuples():
+        g = by_run[r.run]
+        at = float(pair_time[r.seed]) if pair_time is not None else common
+        t = g["train_time_s"].to_numpy(dtype=float)
+        rows.append({**r._asdict(), "at_s": at,
+                     "val_loss": float(np.interp(at, t, g["val_loss"].to_numpy(dtype=float))),
+                     "step": float(np.interp(at, t, g["step"].to_numpy(dtype=float)))})
+    return pd.DataFrame(rows).drop(columns=["Index"])
+
+
+def past_reference(finals: pd.DataFrame, reference: float, level: float = 0.95) -> pd.DataFrame:
+    """How far each variant's final losses end below a reference loss (e.g. the bigram model's): per variant, runs,
+    the mean of reference - loss with its two-sided `level` t interval, and how many runs end below it. Models
+    that sit near an n-gram reference have learned little more than it; this says how much more."""
+    rows = []
+    for variant, g in finals.groupby("variant", sort=False):
+        gap = reference - g["val_loss"].to_numpy(dtype=float)
+        half = (stats.t.ppf(0.5 + level / 2, len(gap) - 1) * gap.std(ddof=1) / np.sqrt(len(gap))
+                if len(gap) > 1 else float("nan"))
+        rows.append({"variant": variant, "n": len(gap), "gap_mean": float(gap.mean()),
+                     "ci_low": float(gap.mean() - half), "ci_high": float(gap.mean() + half),
+                     "n_below": int((gap > 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def common_window(df: pd.DataFrame, start: float | None = None, end: float | None = None,
+                  x: str = "train_time_s") -> tuple[float, float]:
+    """The part of [start, end] (default: everything) that every run of df covers: from the latest first point
+    to the earliest last point. A window beyond it would compare runs over different spans."""
+    spans = df.groupby("run")[x].agg(["min", "max"])
+    lo, hi = float(spans["min"].max()), float(spans["max"].min())
+    lo = lo if start is None else max(lo, float(start))
+    hi = hi if end is None else min(hi, float(end))
+    if hi <= lo:
+        raise ValueError(f"no {x} window common to all runs within [{start}, {end}] (runs cover "
+                         f"{spans['min'].max():g}-{spans['max'].min():g} together)")
+    return lo, hi
+
+
+def rank_common_window(df: pd.DataFrame, start: float | None = None, end: float | None = None,
+                       x: str = "train_time_s", n_grid: int = 256) -> tuple[pd.DataFrame, tuple[float, float]]:
+    """rank_by_window over common_window(df, start, end): every run is averaged over the same span, so a run that
+    ends later gets no extra low-loss tail. Returns the ranking and the window used."""
+    window = common_window(df, start, end, x)
+    return rank_by_window(df, *window, x=x, n_grid=n_grid), window
+
+
+def window_spread(df: pd.DataFrame, start: float, end: float, x: str = "train_time_s",
+                  n_grid: int = 256) -> pd.DataFrame:
+    """Each run's mean loss over [start, end] (every run must cover it: see common_window) and, for variants with
+    repeats, the range between their runs: what a difference between variants has to exceed to mean anything."""
+    lo, hi = common_window(df, start, end, x)
+    if (lo, hi) != (float(start), float(end)):
+        raise ValueError(f"runs do not all cover {start}-{end}: common part {lo:g}-{hi:g}")
+    grid = np.linspace(start, end, n_grid)
+    rows = [{"run": run, "variant": g["variant"].iloc[0], "mean_loss": float(np.mean(_on_grid(g, x, grid))),
+             "final_loss": float(g.sort_values("step")["val_loss"].iloc[-1])}
+            for run, g in df.groupby("run", sort=False)]
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sign-aware lambda summaries
+
+
+def orient_runs(final: pd.DataFrame, stream: str) -> pd.DataFrame:
+    """Flip the sign of `stream`'s lambdas run by run so that every run agrees at the reference layer (the layer
+    with the largest mean |lambda| over the runs), adding column `flipped`.
+
+    For an extra input embedding (x01, ...) that enters the model only through `lambda * norm(table[token])`, the
+    sign is not identified: negating the table and every one of its lambdas gives the same model (RMS norm, Adam
+    and weight decay are all odd in it), so the initialisation decides it per seed. A mean over runs of different
+    sign averages mirror images towards zero; the oriented values are the same models, made comparable. Other
+    streams' rows are returned unchanged (flipped False). Do not orient a stream whose sign matters (x, x00)."""
+    sel = final["stream"] == stream
+    data = final[sel]
+    if data.empty:
+        return final.assign(flipped=False)
+    ref = int(data.assign(a=data["value"].abs()).groupby("layer")["a"].mean().idxmax())
+    at_ref = data[data["layer"] == ref].set_index("run")["value"]
+    majority = 1.0 if (at_ref >= 0).sum() >= (at_ref < 0).sum() else -1.0
+    flip = (np.sign(at_ref) != majority) & (at_ref != 0)
+    out = final.copy()
+    out["flipped"] = False
+    rows = sel & out["run"].map(flip).fillna(False).astype(bool)
+    out.loc[rows, "value"] = -out.loc[rows, "value"]
+    out.loc[rows, "flipped"] = True
+    out.attrs["reference_layer"] = ref
+    return out
+
+
+def lambda_signs(final: pd.DataFrame, streams=None) -> pd.DataFrame:
+    """Per stream and layer over the runs of `final` (final_lambdas): runs, how many are negative, mean, SD
+    (ddof=1), mean |lambda| and min/max: the summary to read before trusting a mean whose bars cross zero."""
+    if streams is not None:
+        final = final[final["stream"].isin(list(streams))]
+    g = final.groupby(["stream", "layer"], sort=False)["value"]
+    out = pd.DataFrame({"n_runs": g.size(), "n_negative": g.apply(lambda v: int((v < 0).sum())), "mean": g.mean(),
+                        "sd": g.std(ddof=1), "mean_abs": g.apply(lambda v: float(v.abs().mean())),
+                        "min": g.min(), "max": g.max()})
+    return out.reset_index()
+
+
+def run_signs(final: pd.DataFrame, stream: str) -> pd.Series:
+    """For each run, +1 or -1: the sign its `stream` lambdas take at orient_runs' reference layer (the run's
+    orientation), so a post can say how many runs came out mirrored."""
+    oriented = orient_runs(final, stream)
+    flipped = oriented[oriented["stream"] == stream].groupby("run", sort=False)["flipped"].first()
+    ref = oriented.attrs.get("reference_layer")
+    at_ref = final[(final["stream"] == stream) & (final["layer"] == ref)].set_index("run")["value"]
+    return np.sign(at_ref).astype(int).rename("sign").reindex(flipped.index)

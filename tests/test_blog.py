@@ -110,8 +110,37 @@ def test_final_table_for_a_post():
                           "loss_std": [0.00104, 0.00044], "time_s_mean": [1472.35, 1486.91],
                           "p_value": [0.204866, 4.97268e-05], "welch_p_vs_baseline": [float("nan"), 0.00135]})
     lines = blog.final_table(final).splitlines()
+    assert "SD (ddof = 0)" in lines[0] and "Welch one-sided" in lines[0]  # no std_ddof column: numpy's default
+    assert "SD (ddof = 1)" in blog.final_table(final.assign(std_ddof=1)).splitlines()[0]
     assert lines[2] == "| x00 | 5 | 2.9195 | 0.0010 | 1472.3 | 0.205 | - |"
     assert lines[3] == "| x01 | 5 | 2.9166 | 0.0004 | 1486.9 | 5.0e-05 | 1.4e-03 |"
+
+
+def test_verdicts_claim_only_what_holm_keeps():
+    import numpy as np
+    import pandas as pd
+    import pytest
+    from scipy import stats as st
+    from embxlib import stats
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.05, 6)
+    table = pd.DataFrame({"run": [f"{v}{i}" for v in "bcd" for i in range(6)], "variant": [v for v in "bcd" for _ in range(6)],
+                          "seed": list(range(6)) * 3,
+                          "val_loss": np.concatenate([base, base - 0.1 + rng.normal(0, 0.005, 6),
+                                                      base - 0.01 + rng.normal(0, 0.005, 6)])})
+    fam = stats.family(table, [("c", "b"), ("d", "b")])
+    raw = [st.ttest_rel(table.val_loss[6:12], table.val_loss[:6]).pvalue, st.ttest_rel(table.val_loss[12:], table.val_loss[:6]).pvalue]
+    assert fam["p_value"].tolist() == pytest.approx(raw)
+    assert fam["p_holm"].tolist() == pytest.approx([min(1, 2 * min(raw)), max(2 * min(raw), max(raw))])
+    c, d = fam.itertuples()
+    assert blog.verdict(c, "c").startswith("c lowers the final loss: -0.")
+    assert "paired over 6 seeds" in blog.verdict(c, "c") and "Holm-adjusted over 2" in blog.verdict(c, "c")
+    # a fabricated borderline row: raw p below alpha, Holm above: no direction claimed
+    border = d._replace(p_value=0.03, p_holm=0.06, reject_holm=False)
+    text = blog.verdict(border, "d")
+    assert "not shown once the family is corrected" in text and "lowers" not in text
+    lines = blog.family_table(fam).splitlines()
+    assert len(lines) == 4 and "| c vs b | paired | 6 pairs |" in lines[2]
 
 
 # --- the committed posts ---------------------------------------------------------------------------------
@@ -122,7 +151,7 @@ import pytest  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
-POSTS = ["x0", "value_embeddings"]  # blog/cpu_scale is left as it is until its rewrite (issue 12)
+POSTS = ["x0", "value_embeddings", "cpu_scale"]
 UNITS = r"(?:s|sec|seconds?|min|minutes?|runs?|times|steps?|tokens|%)\b"
 
 
@@ -152,7 +181,8 @@ def test_one_images_folder_per_post_holding_exactly_its_figures(slug):
 def test_committed_posts_are_what_their_notebooks_render(tmp_path):
     """Rendering the posts again from their notebooks and the published data gives the committed files, byte for
     byte: the text, numbers and figures are up to date and the rendering is deterministic."""
-    (tmp_path / "published").symlink_to(ROOT / "published")
+    for inputs in ("published", "runs", "data"):  # the published runs, the committed CPU runs, the corpus
+        (tmp_path / inputs).symlink_to(ROOT / inputs)
     for slug in POSTS:
         blog.render(ROOT / "nbs" / f"blog_{slug}.ipynb", root=tmp_path)
         assert (tmp_path / "blog" / slug / "index.md").read_bytes() == (ROOT / "blog" / slug / "index.md").read_bytes()

@@ -25,6 +25,32 @@ def runs():
     })
 
 
+def legend_texts(ax):
+    # a figure of one axes gets its legend beside the axes (a figure legend), others keep it on the axes
+    legend = ax.get_legend() or ax.figure.legends[0]
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def test_long_titles_wrap_and_legends_sit_beside_the_data(runs, tmp_path):
+    title = "x00 (baseline) to x04: validation loss over steps 5500-5960, mean of each variant's runs, long"
+    fig = plot_val_loss(runs, x="step", average=True, title=title)
+    save(fig, tmp_path / "f.png")  # draws the figure: the extents below are the saved ones
+    ax, renderer = fig.axes[0], fig._get_renderer()
+    text = ax.title.get_window_extent(renderer)
+    page = fig.bbox
+    assert "\n" in ax.get_title() and ax.get_title().replace("\n", " ") == title
+    assert page.x0 <= text.x0 and text.x1 <= page.x1  # the whole title is on the figure
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert legend.y1 <= ax.get_tightbbox(renderer).y0  # below the axes and their labels, over none of the data
+    assert page.x0 <= legend.x0 and legend.x1 <= page.x1 and legend.y0 >= page.y0
+    # long labels (the value-embedding post's) take fewer columns, never more than the width
+    names = {v: f"no value embedding at layer {v}, a long label" for v in "abc"}
+    fig = plot_val_loss(runs.assign(variant=runs["run"].map(names)), x="step", average=True, target=3.0)
+    save(fig, tmp_path / "g.png")
+    legend = fig.legends[0].get_window_extent(fig._get_renderer())
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1
+
+
 def test_every_run_is_drawn(runs):
     fig = plot_val_loss(runs, x="train_time_s", target=3.0)
     assert isinstance(fig, Figure)
@@ -32,7 +58,7 @@ def test_every_run_is_drawn(runs):
     lines = ax.get_lines()
     assert len(lines) == 3 + 1  # three runs and the target line
     assert lines[1].get_ydata().tolist() == [20.0, 0.0] and lines[1].get_xdata().tolist() == [0.0, 20.0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["v", "w", "target 3.0"]
+    assert legend_texts(ax) == ["v", "w", "target 3.0"]
     assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
 
 
@@ -45,7 +71,7 @@ def test_average_draws_the_mean_on_a_common_grid(runs):
     assert mean_v.get_ydata().tolist() == [15.0, 10.0, 5.0]
     assert mean_w.get_ydata().tolist() == [6.0, 5.0, 4.0]
     assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 1  # a band only where n > 1
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["v, mean of 2 runs", "w, 1 run"]
+    assert legend_texts(ax) == ["v, mean of 2 runs", "w, 1 run"]
 
 
 def test_zoom_fits_y_to_the_window():
@@ -84,7 +110,7 @@ def test_layer_lambdas_are_bars_of_the_mean(final):
     # one bar container per stream (v is left out: it is no input mix), one bar per layer
     heights = [[bar.get_height() for bar in container] for container in ax.containers]
     assert heights == [[2.0, 4.0], [0.0, -1.0]]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x", "x00"]
+    assert legend_texts(ax) == ["x", "x00"]
     assert "mean of 2 runs" in ax.get_title()
 
 

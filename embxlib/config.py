@@ -113,6 +113,7 @@ class Config:
     attention: str = "auto"  # auto (flex on cuda, sdpa on cpu), flex or sdpa
     fused_loss: str = "auto"  # training loss as model.HeadLoss (on) or the autograd graph torch.compile fuses (off); auto: on on cpu
     sparse_table_grads: str = "auto"  # table gradients of only the looked-up rows (model.SparseRowsGrad); auto: on cpu when training
+    sparse_table_comm: bool = False  # ranks exchange only the looked-up rows of table gradients where that moves fewer bytes (gloo only)
 
     # ----------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -274,6 +275,9 @@ class Config:
         if self.flex_on_cuda() and self.attn_block_size % FLEX_CUDA_BLOCK:
             bad("attn_block_size", f"FlexAttention on CUDA needs a multiple of {FLEX_CUDA_BLOCK} (its kernel tiles on "
                 f"sm80/sm90/sm100): allowed {FLEX_CUDA_BLOCK}, {2 * FLEX_CUDA_BLOCK}, ...; or attention='sdpa'")
+        if self.sparse_table_comm and (self.device == "cuda" or self.device == "auto" and self._cuda_available()):
+            bad("sparse_table_comm", "gloo (CPU) only: each step reads the ranks' row counts on the host, a sync "
+                "per step on a GPU; allowed there: false")
         if world_size is not None:
             self.grad_accum_steps(world_size)
             self.val_steps(world_size)
@@ -286,7 +290,11 @@ class Config:
             return False
         if self.device == "cuda":
             return True
-        import torch  # device auto: CUDA where there is one
+        return self._cuda_available()  # device auto: CUDA where there is one
+
+    @staticmethod
+    def _cuda_available() -> bool:
+        import torch
         return torch.cuda.is_available()
 
     def grad_accum_steps(self, world_size: int) -> int:

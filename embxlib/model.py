@@ -360,13 +360,17 @@ class GPT(nn.Module):
     def lookup(self, idx: Tensor) -> dict[str, Tensor]:
         """The rows of idx in each table, by table name (the bigram table at the hashed pairs of idx)."""
         weights = [self.table(t.name).weight for t in self.tables]
-        indices = [idx if t.lookup == "token" else spec.bigram_hash(idx, t.rows) for t in self.tables]
+        indices = list(self.table_indices(idx).values())
         sparse = self.sparse_table_grads
         if sparse or (sparse is None and not idx.is_cuda and torch.is_grad_enabled()):
             rows = _sparse_grad_lookup(weights, indices)
         else:
             rows = [F.embedding(i, w) for w, i in zip(weights, indices)]
         return {t.name: r for t, r in zip(self.tables, rows)}
+
+    def table_indices(self, idx: Tensor) -> dict[str, Tensor]:
+        """The rows of each table that idx looks up, by table name."""
+        return {t.name: idx if t.lookup == "token" else spec.bigram_hash(idx, t.rows) for t in self.tables}
 
     def head(self, x: Tensor) -> Tensor:
         """LM head and ISRU soft-cap; the matmul in the activations' dtype (bf16 under upstream's policy, as its

@@ -201,6 +201,32 @@ class Dist:
             if t is not None:
                 t /= self.world
 
+    def reduce_rows(self, grad: torch.Tensor, rows: torch.Tensor) -> bool:
+        """Average a table gradient whose only non-zero rows are among `rows` (what this rank looked up) by
+        exchanging just those rows, if that moves fewer bytes than the all-reduce: a ring all-reduce sends
+        2 (W-1)/W of the table per rank, the all_gather (W-1) x the largest rank's rows. Returns False, having
+        done nothing, otherwise. The row counts are all_gathered first and read (gloo: no device to sync)."""
+        uniq = torch.unique(rows.reshape(-1).long())
+        n = torch.tensor([uniq.numel()])
+        counts = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(counts, n)
+        top = max(int(c) for c in counts)
+        if top >= 2 * grad.size(0) / self.world:
+            return False
+        idx = torch.zeros(top, dtype=torch.long)  # padding: zero rows added to row 0
+        idx[:uniq.numel()] = uniq
+        vals = grad.new_zeros(top, grad.size(1))
+        vals[:uniq.numel()] = grad[uniq]
+        all_idx, all_vals = [torch.empty_like(idx) for _ in counts], [torch.empty_like(vals) for _ in counts]
+        works = [dist.all_gather(all_idx, idx, async_op=True), dist.all_gather(all_vals, vals, async_op=True)]
+        for w in works:
+            w.wait()
+        grad.zero_()
+        for i, v in zip(all_idx, all_vals):  # rank by rank: the same order on every rank, so the same sums
+            grad.index_add_(0, i, v)
+        grad /= self.world
+        return True
+
     def broadcast_object(self, obj):
         if not self.on:
             return obj
@@ -751,8 +777,16 @@ def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, win
         loss = fwd(x, y, window) / accum
         loss.backward()
         total += loss.detach()
-    adam_grads = D.reduce_mean([p.grad for g in adam.param_groups for p in g["params"]])
+    rows = {}  # cfg.sparse_table_comm: each table's looked-up rows, by its weight's id
+    if cfg.sparse_table_comm and D.on:
+        looked_up = [model.table_indices(x) for x, _ in batches]
+        rows = {id(model.table(t.name).weight): torch.cat([ix[t.name].reshape(-1) for ix in looked_up])
+                for t in model.tables}
+    adam_grads = D.reduce_mean([p.grad for g in adam.param_groups for p in g["params"] if id(p) not in rows])
     muon_grads = D.reduce_mean([p.grad for g in muon.param_groups for p in g["params"]])
+    for p in (p for g in adam.param_groups for p in g["params"] if id(p) in rows):
+        if not D.reduce_rows(p.grad, rows[id(p)]):
+            adam_grads += D.reduce_mean([p.grad])
     loss_mean = D.reduce_mean([total])
     apply_schedules(step_idx, cfg, adam, muon)
     D.wait(adam_grads)

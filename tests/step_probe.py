@@ -69,7 +69,8 @@ def main(data_dir: str, out: str) -> None:
     precision = os.environ.get("PROBE_PRECISION", "fp32")  # (fp32: the same step, fast on a CPU without bf16 units)
     cfg = tiny(train_seq_len=128, train_batch_tokens=1024, window_max=128, compile=False, warmup_steps=0,
                muon_momentum_warmup_steps=10, data_dir=data_dir, precision=precision,
-               bigram_embeds=int(os.environ.get("PROBE_BIGRAM", "0")))
+               bigram_embeds=int(os.environ.get("PROBE_BIGRAM", "0")),
+               sparse_table_comm=os.environ.get("PROBE_SPARSE_COMM") == "1")
     device = torch.device("cpu")
     D = train.Dist(device)
     accum = cfg.grad_accum_steps(D.world)

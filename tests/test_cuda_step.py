@@ -35,17 +35,28 @@ def test_a_training_step_syncs_nothing_and_muon_state_is_split(corpus, tmp_path,
     assert ranks[0]["lines"] and ranks[0]["lines"][0].startswith("step:1/")
 
 
-def test_gradient_bytes_per_step_are_what_stepmodel_counts(corpus, tmp_path):
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse_table_comm"])
+def test_gradient_bytes_per_step_are_what_stepmodel_counts(corpus, tmp_path, sparse):
     """The bytes each rank hands to gloo in a step of tiny + bigram hash at 2 ranks, counted on the real calls,
-    against stepmodel.comm_bytes (which the closing notes use for medium_x01 + bigram at 8 ranks)."""
+    against stepmodel.comm_bytes (which the closing notes use for medium_x01 + bigram at 8 ranks). With
+    sparse_table_comm the tables go as their looked-up rows (int64 index + row each), the rest as before."""
     from embxlib.config import Config
     from embxlib.stepmodel import comm_bytes
     r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "tests" / "step_probe.py"), str(corpus), str(tmp_path)],
-                       capture_output=True, text=True, env=python_env(PROBE_BIGRAM="1"), timeout=600)
+                        str(ROOT / "tests" / "step_probe.py"), str(corpus), str(tmp_path)], capture_output=True,
+                       text=True, env=python_env(PROBE_BIGRAM="1", PROBE_SPARSE_COMM=str(int(sparse))), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        expected = comm_bytes(Config.from_dict(res["config"]), 2)
-        assert res["step1"]["bytes"] == {"all_reduce": expected["all_reduce"], "all_gather": expected["all_gather"]}
+        cfg = Config.from_dict(res["config"])
+        expected = comm_bytes(cfg, 2)
         assert expected["tables"]["bigram_embed"] == 50304 * 5 * 128 * 4  # fp32: the dense table goes over the wire
+        got = res["step1"]["bytes"]
+        if not sparse:
+            assert got == {"all_reduce": expected["all_reduce"], "all_gather": expected["all_gather"]}
+            continue
+        assert got["all_reduce"] == expected["all_reduce"] - sum(expected["tables"].values())
+        rows = got["all_gather"] - expected["all_gather"] - 8 * len(expected["tables"])  # (the row counts: int64s)
+        tokens = cfg.train_batch_tokens // 2  # this rank's, over its micro-steps: at most that many distinct rows
+        widths = [128, 2 * 128, 128]  # embed (x00), value_embed (2 tables), bigram: (8 + 4 x width) bytes a row
+        assert 0 < rows <= tokens * sum(8 + 4 * w for w in widths) < sum(expected["tables"].values()) / 100

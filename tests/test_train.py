@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from embxlib import train
-from conftest import PYTHON, python_env
+from conftest import FAST, PYTHON, python_env
 
 pytestmark = pytest.mark.slow
 VAL = re.compile(r"^step:(\d+)/(\d+) val_loss:([\d.na]+) train_time:(\d+)ms", re.M)
@@ -230,3 +230,20 @@ def test_compiled_cpu_training_is_deterministic(fast_args, tmp_path):
         torch.testing.assert_close(a[part], b[part], rtol=0, atol=0)  # tolerance 0: equal, bit for bit
     for opt in ("adam", "muon"):
         torch.testing.assert_close(a[opt]["state"], b[opt]["state"], rtol=0, atol=0)
+
+
+def test_sparse_table_comm_trains_as_the_dense_all_reduce(corpus, tmp_path):
+    """Two ranks exchanging only the looked-up table rows reach the losses of two ranks all-reducing the dense
+    tables, and of one process (fp32: the sums differ in order only)."""
+    flags = [*FAST, "--data-dir", str(corpus), "--bigram-embeds", "1", "--train-batch-tokens", "512"]
+    train.main([*flags, "--run-dir", str(tmp_path / "one")])
+    for name, extra in (("dense", []), ("sparse", ["--sparse-table-comm"])):
+        r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                            "embxlib.train", *flags, *extra, "--run-dir", str(tmp_path / name)],
+                           capture_output=True, text=True, env=python_env(), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, dense, sparse = (val_losses(tmp_path / n) for n in ("one", "dense", "sparse"))
+    assert one.keys() == sparse.keys() == {0, 2, 4}
+    for step in one:
+        assert sparse[step] == pytest.approx(dense[step], abs=1e-5) and sparse[step] == pytest.approx(one[step], abs=1e-4)
+    assert read_json(tmp_path / "sparse" / "config.json")["sparse_table_comm"] is True

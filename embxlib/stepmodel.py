@@ -126,8 +126,9 @@ def comm_bytes(cfg: Config, world: int) -> dict:
     them (tests/test_cuda_step.py counts them under gloo): every gradient all-reduced dense (the tables' too), the
     loss, and Muon's all_gathers of the updated matrices (one tensor per chunk of `world` matrices of a shape).
     `ring_*`: what a ring algorithm then sends per rank (all-reduce 2 (W-1)/W of the bytes, all_gather W-1 times).
-    `tables`: the all-reduced bytes of each table; `sparse_rows`: what exchanging only the rows the ranks looked up
-    would hand over instead (indices + rows of each rank's tokens, all_gathered), for comparison."""
+    `tables`: the all-reduced bytes of each table; `sparse_rows`: at most what cfg.sparse_table_comm hands over
+    instead (an int64 index and the row of each of the rank's tokens, all_gathered; it sends the distinct ones
+    only, and keeps the all-reduce where that moves fewer bytes)."""
     import torch
     from .model import GPT
     from .optim import build_optimizers
@@ -139,7 +140,7 @@ def comm_bytes(cfg: Config, world: int) -> dict:
     gather = sum(nbytes(chunk[0][0]) for _, chunks in muon._chunks() for chunk in chunks) if world > 1 else 0
     local_tokens = cfg.train_batch_tokens // world
     tabs = {t.name: nbytes(model.table(t.name).weight) for t in tables(cfg)}
-    sparse = {t.name: local_tokens * (4 + t.width * model.table(t.name).weight.element_size()) for t in tables(cfg)}
+    sparse = {t.name: local_tokens * (8 + t.width * model.table(t.name).weight.element_size()) for t in tables(cfg)}
     ring = (lambda n: 2 * (world - 1) / world * n) if world > 1 else (lambda n: 0.0)
     return dict(all_reduce=reduce if world > 1 else 0, all_gather=gather, ring_all_reduce=ring(reduce),
                 ring_all_gather=(world - 1) * gather, tables=tabs, ring_tables={k: ring(v) for k, v in tabs.items()},

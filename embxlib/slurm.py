@@ -10,7 +10,8 @@ The cluster is asked before anything is submitted (sinfo, scontrol, sbatch --tes
 resource it cannot give fails with one line naming the setting and what it offers. Each run folder keeps its job id
 in slurm.json: a rerun of the sweep watches jobs still queued or running instead of submitting them again. A task
 stopped by SIGTERM (preemption, `scancel --signal=TERM`, the time limit) requeues itself and resumes from the run's
-checkpoint; submitit's own signal (USR2, signal_delay_s before the time limit) requeues it the same way. Watching
+checkpoint. The time limit's warning is a SIGTERM too (--signal=TERM@signal_delay_s), not submitit's USR2: SLURM
+sends it to every process of the job, and a USR2 kills the trainers before they can record anything. Watching
 costs one squeue per poll_s for the whole sweep.
 """
 from __future__ import annotations
@@ -220,7 +221,9 @@ def check_cluster(s: dict, n: int = 1) -> dict:
 def executor(s: dict, folder: Path, job_name: str):
     import submitit
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=s["max_requeues"])
-    extra = {"requeue": True, **{k.replace("_", "-"): v for k, v in s["sbatch"].items()}}
+    # TERM, not submitit's USR2, before the time limit (see the module's docstring); requeue: also after a node failure
+    extra = {"requeue": True, "signal": f"TERM@{s['signal_delay_s']}",
+             **{k.replace("_", "-"): v for k, v in s["sbatch"].items()}}
     params = dict(job_name=job_name, partition=s["partition"], time=s["time_min"], nodes=s["nodes"], ntasks_per_node=1,
                   cpus_per_task=s["cpus_per_task"], signal_delay_s=s["signal_delay_s"], additional_parameters=extra,
                   # the node imports this checkout's embxlib (the one that pickled the job), from its root
@@ -265,18 +268,13 @@ def test_only(ex, n: int, s: dict) -> None:
 
 
 class RunJob:
-    """One run as a submitit job: launch() on the node into its run folder. submitit pickles this object; its
-    checkpoint() (called on the USR2 before the time limit) requeues it unchanged: the run folder's checkpoint
-    is where it continues."""
+    """One run as a submitit job: launch() on the node into its run folder. submitit pickles this object; a
+    requeued job runs it again unchanged: the run folder's checkpoint is where it continues."""
 
     def __init__(self, name: str, params: dict, sweep_dir: str, nproc_per_node: int, config: str | None,
                  max_requeues: int):
         self.name, self.params, self.sweep_dir = name, params, sweep_dir
         self.nproc_per_node, self.config, self.max_requeues = nproc_per_node, config, max_requeues
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        return submitit.helpers.DelayedSubmission(self)
 
     def __call__(self):
         from . import launch
@@ -291,7 +289,7 @@ class RunJob:
         run_dir = Path(self.sweep_dir) / self.name
         node_rank = int(env.get("SLURM_NODEID", "0"))
         job = job_id_here()
-        print(f"# {self.name}: job {job} on {socket.gethostname()} (node {node_rank}), restart "
+        print(f"# {self.name}: job {job} on {_node()} (node {node_rank}), restart "
               f"{env.get('SLURM_RESTART_COUNT', '0')}, {datetime.now():%Y-%m-%d %H:%M:%S}", flush=True)
         state = job_state(job)
         if state not in ("RUNNING", "UNKNOWN"):  # cancelled while Python started, when submitit ignored the SIGTERM
@@ -305,8 +303,6 @@ class RunJob:
             launch.launch(self.params, echo=lambda line: print(line, flush=True), config=self.config,
                           run_name=self.name, runs_root=self.sweep_dir, resume=True, progress=False,
                           nproc_per_node=self.nproc_per_node, **node_settings(env))
-        except SystemExit:  # submitit's USR2 handler: it has requeued the job already
-            raise
         except BaseException as e:
             if node_rank == 0 and stopped_by_sigterm(run_dir, e) and self._requeue(job, run_dir):
                 sys.exit(f"{self.name}: stopped by SIGTERM; requeued job {job}, it resumes from {run_dir}")
@@ -327,7 +323,7 @@ class RunJob:
             aside = launch.move_aside(run_dir, print)
             print(f"# {run_dir.name}: no checkpoint, moved to {aside.name}, starting again", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(run_dir / SLURM_RECORD, {**record, "job_id": job, "node": socket.gethostname(),
+        write_json_atomically(run_dir / SLURM_RECORD, {**record, "job_id": job, "node": _node(),
                                                         "started": _now(),
                                                         "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))})
 
@@ -345,6 +341,10 @@ class RunJob:
         print(f"# {self.name}: stopped by SIGTERM, scontrol requeue {job}: "
               f"{'done' if r.returncode == 0 else _first_error(r.stderr)}", flush=True)
         return r.returncode == 0
+
+
+def _node() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _now() -> str:

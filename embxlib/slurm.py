@@ -524,7 +524,7 @@ def sweep(runs: list[tuple[str, dict]], sweep_dir: Path, nproc_per_node: int, co
         first = submitted[0].job_id.split("_")[0]
         gpus = f", {s['gpus_per_node']} GPUs" if s["gpus_per_node"] else ""
         tell(f"submitted {len(todo)} run(s) as job {first}{' (an array)' if len(todo) > 1 else ''} to partition "
-             f"{s['partition']} in {took:.1f} s ({datetime.now():%H:%M:%S}): {s['nodes']} node(s), "
+             f"{s['partition']} in {took:.2f} s ({datetime.now():%H:%M:%S}): {s['nodes']} node(s), "
              f"{s['cpus_per_task']} CPUs{gpus} and "
              f"{s['time_min']} min per run; job logs in {folder}")
     errors: dict[str, str] = {}

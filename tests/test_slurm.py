@@ -4,6 +4,7 @@ side by side, a SIGTERM'd job requeued to the same loss, no second submission, c
 is submitted. Skipped where slurm-wlm is not installed, except in CI (.ci/run installs it)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -163,25 +164,29 @@ def test_a_job_stopped_by_sigterm_is_requeued_and_resumes_to_the_same_loss(clust
 
 
 @pytest.mark.slow
-def test_a_rerun_while_jobs_are_queued_submits_nothing_and_cancel_ends_them(cluster, corpus, tmp_path):
+def test_a_rerun_while_jobs_are_queued_submits_nothing_and_an_interrupt_cancels_them(cluster, corpus, tmp_path):
+    """Submitted without waiting; the sweep run again (the command line) finds both jobs by the ids in their run
+    folders and watches them; Ctrl-C there cancels both, and neither requeues itself on the SIGTERM."""
     sweep_dir = tmp_path / "sweep"
     base = {**fast_params(corpus), "num_iterations": 2000, "val_loss_every": 1000}
-    spec = dict(grid=GRID, seeds=[0], base=base, sweep_dir=str(sweep_dir), backend="slurm",
-                slurm={"wait": False, "poll_s": 1})
-    launch.sweep(**spec, echo=lambda s: None)
+    spec = dict(grid=GRID, seeds=[0], base=base, sweep_dir=str(sweep_dir))
+    launch.sweep(**spec, backend="slurm", slurm={"wait": False, "poll_s": 1}, echo=lambda s: None)
     names = ["extra_embeds0_s0", "extra_embeds1_s0"]
     jobs = [r["job_id"] for r in records(sweep_dir, names).values()]
-    said = []
-    launch.sweep(**spec, echo=said.append)
-    assert [s for s in said if "not submitted again" in s] and not [s for s in said if "submitted 2" in s], said
-    assert [r["job_id"] for r in records(sweep_dir, names).values()] == jobs
-    assert set(jobs) <= set(squeue_ids(cluster)) and len(squeue_ids(cluster)) == len(set(squeue_ids(cluster)))
-
+    watcher = subprocess.Popen([PYTHON, "-m", "embxlib.launch", "sweep", "--backend", "slurm", "-y", json.dumps(
+        {**spec, "slurm": {"poll_s": 1}})], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=python_env(), cwd=ROOT)
     wait_for(lambda: all("step:1/2000 train_loss" in _text(sweep_dir / n / "log.txt") for n in names), 60,
              "both runs training", cluster)
-    r = subprocess.run([PYTHON, "-m", "embxlib.launch", "cancel", str(sweep_dir)], capture_output=True, text=True,
-                       env=python_env(), cwd=ROOT, timeout=60)
-    assert r.returncode == 0 and f"cancelled 2 job(s) of {sweep_dir}" in r.stdout, r.stdout + r.stderr
+    wait_for(lambda: (sweep_dir / "sweep.lock").exists(), 30, "the rerun watching", cluster)
+    time.sleep(2)
+    watcher.send_signal(signal.SIGINT)
+    out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode != 0
+    for n, j in zip(names, jobs):
+        assert f"{n}: job {j} is running, not submitted again" in out, out
+    assert "submitted" not in out.replace("not submitted again", "") and squeue_ids(cluster).count(jobs[0]) == 1
+    assert f"cancelled 2 job(s) of {sweep_dir}: {' '.join(jobs)}" in out, out + err
     states = wait_for(lambda: (lambda s: s if all(x == "CANCELLED" for x in s) else None)(
         [cluster.run("squeue", "-h", "-t", "all", "-j", j, "-o", "%T").stdout.strip() for j in jobs]), 60,
         "both jobs cancelled", cluster)
@@ -189,6 +194,28 @@ def test_a_rerun_while_jobs_are_queued_submits_nothing_and_cancel_ends_them(clus
     assert [cluster.run("squeue", "-h", "-t", "all", "-j", j, "-o", "%T").stdout.strip() for j in jobs] == states
     for n in names:
         assert read_json(sweep_dir / n / "summary.json")["status"] == "stopped"  # resumable by a rerun
+        assert read_json(sweep_dir / n / SLURM_RECORD)["cancelled"]
+    said = []
+    assert slurm.cancel(sweep_dir, said.append) == [] and said == [f"cancelled 0 job(s) of {sweep_dir}: none was "
+                                                                  f"queued or running"]
+
+
+def test_forty_runs_are_one_array_submitted_in_seconds(cluster, corpus, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    grid, seeds = {"extra_embeds": list(range(10))}, [0, 1, 2, 3]
+    said = []
+    t = time.time()
+    launch.sweep(grid, seeds, fast_params(corpus), str(sweep_dir), backend="slurm", echo=said.append,
+                 slurm={"wait": False, "sbatch": {"hold": True}})  # held: none of them starts
+    took = time.time() - t
+    ids = {r["job_id"] for r in records(sweep_dir, [n for n, _ in launch.sweep_runs(grid, seeds)]).values()}
+    assert len(ids) == 40 and len({j.split("_")[0] for j in ids}) == 1 and took < 10, (took, said)
+    assert any(s.startswith("submitted 40 run(s) as job ") and "(an array)" in s for s in said), said
+    r = subprocess.run([PYTHON, "-m", "embxlib.launch", "cancel", str(sweep_dir)], capture_output=True, text=True,
+                       env=python_env(), cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and f"cancelled 40 job(s) of {sweep_dir}: " in r.stdout, r.stdout + r.stderr
+    assert not [j for j in squeue_ids(cluster) if j in ids and
+                cluster.run("squeue", "-h", "-t", "all", "-j", j, "-o", "%T").stdout.strip() != "CANCELLED"]
 
 
 @pytest.mark.slow

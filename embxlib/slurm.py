@@ -52,7 +52,8 @@ def check_settings(slurm: dict | None) -> dict:
     from .launch import unknown_names
     slurm = {} if slurm is None else slurm
     if not isinstance(slurm, dict):
-        raise ValueError(f"slurm={slurm!r}: expected a mapping of SLURM settings, e.g. {{partition: gpu, time_min: 60}}")
+        raise ValueError(f"slurm={slurm!r}: expected a mapping of SLURM settings, e.g. "
+                         f"{{partition: gpu, time_min: 60}}")
     message = unknown_names(slurm, SETTINGS)
     if message:
         raise ValueError(f"slurm: {message}; allowed: {sorted(SETTINGS)}")
@@ -295,11 +296,11 @@ class RunJob:
         if state not in ("RUNNING", "UNKNOWN"):  # cancelled while Python started, when submitit ignored the SIGTERM
             print(f"# {self.name}: job {job} is {state}, not starting", flush=True)
             return str(run_dir)
-        if node_rank == 0:
-            self._prepare(run_dir, job)
         if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):  # launch() would take the machine's
             env["OMP_NUM_THREADS"] = str(max(1, int(env["SLURM_CPUS_PER_TASK"]) // self.nproc_per_node))
         try:
+            if node_rank == 0:
+                self._prepare(run_dir, job)
             launch.launch(self.params, echo=lambda line: print(line, flush=True), config=self.config,
                           run_name=self.name, runs_root=self.sweep_dir, resume=True, progress=False,
                           nproc_per_node=self.nproc_per_node, **node_settings(env))
@@ -323,8 +324,8 @@ class RunJob:
             aside = launch.move_aside(run_dir, print)
             print(f"# {run_dir.name}: no checkpoint, moved to {aside.name}, starting again", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(run_dir / SLURM_RECORD, {**record, "job_id": job, "node": _node(),
-                                                        "started": _now(),
+        write_json_atomically(run_dir / SLURM_RECORD, {**record, "job_id": job, "node": _node(), "started": _now(),
+                                                        "ended": None, "error": None,
                                                         "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))})
 
     def _requeue(self, job: str, run_dir: Path) -> bool:
@@ -477,8 +478,9 @@ def job_error(run_dir: Path, info: dict | None) -> str:
 
 def sweep(runs: list[tuple[str, dict]], sweep_dir: Path, nproc_per_node: int, config, s: dict,
           tell, echo):
-    """The slurm backend of launch.sweep (which has checked the runs and holds the sweep's lock): submit the runs
-    that are neither finished nor queued as one array, watch every job to its end, write summary.csv."""
+    """The slurm backend of launch.sweep (which has checked the runs, holds the sweep's lock and writes summary.csv):
+    submit the runs that are neither finished nor queued as one array, watch every job to its end (unless
+    slurm.wait is false). Returns the failed runs' errors."""
     from . import launch
     from .launch import resolve, run_state
     cfgs = [resolve(p, nproc_per_node * s["nodes"], config) for _, p in runs]
@@ -503,18 +505,29 @@ def sweep(runs: list[tuple[str, dict]], sweep_dir: Path, nproc_per_node: int, co
         if state == "broken":
             aside = launch.move_aside(run_dir, echo)
             echo(f"[{i + 1}/{n}] {name}: no checkpoint, moved to {aside.name}, starting again")
-        todo.append((i, name, p, state))
+        todo.append((name, p))
+    try:
+        return _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell)
+    except KeyboardInterrupt:  # Ctrl-C, the notebook's stop button, a SIGTERM or SIGHUP of this process
+        tell("interrupted: cancelling the sweep's jobs")
+        cancel(sweep_dir, tell)
+        raise
+
+
+def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell) -> dict[str, str]:
+    """One array for the runs to do (one sbatch: all of them or none), their job ids into their folders, then the
+    watch over these and the jobs found still queued (watching: run name -> job id)."""
     folder = sweep_dir / JOBS_FOLDER
-    ex = executor(s, folder, f"embx-{sweep_dir.name}")
     if todo:
-        for _, name, _, _ in todo:
+        ex = executor(s, folder, f"embx-{sweep_dir.name}")
+        for name, _ in todo:
             (sweep_dir / name).mkdir(parents=True, exist_ok=True)
         jobs = [RunJob(name, p, str(sweep_dir), nproc_per_node, config and str(config), s["max_requeues"])
-                for _, name, p, _ in todo]
+                for name, p in todo]
         t = time.time()
         submitted = ex.submit_array(jobs) if len(jobs) > 1 else [ex.submit(jobs[0])]
         took = time.time() - t
-        for (i, name, _, state), job in zip(todo, submitted):
+        for (name, _), job in zip(todo, submitted):
             previous = read_json(sweep_dir / name / SLURM_RECORD) or {}
             write_json_atomically(sweep_dir / name / SLURM_RECORD, dict(
                 job_id=job.job_id, submitted=_now(), partition=s["partition"], log=str(job.paths.stdout),
@@ -539,44 +552,42 @@ def sweep(runs: list[tuple[str, dict]], sweep_dir: Path, nproc_per_node: int, co
 
 def watch(jobs: dict[str, str], sweep_dir: Path, order: list[str], poll_s: float, tell) -> dict[str, str]:
     """Follow the jobs (run name -> job id) to their ends with one squeue per poll_s, one line per change of a
-    job's state; an interrupt (Ctrl-C, the notebook's stop button) cancels them all. Returns the failed runs'
-    errors. A job whose run was left `running` (killed past every handler) is recorded failed, as the local
-    launcher records such a death."""
+    job's state. Returns the failed runs' errors. A job whose run was left `running` (killed past every handler)
+    is recorded failed, as the local launcher records such a death."""
     from .launch import _clock, _record_death
     seen: dict[str, str] = {}
+    unlisted: dict[str, int] = {}  # polls in a row that squeue did not list the job
     ended: set[str] = set()
     errors: dict[str, str] = {}
     n, start, silent = len(order), time.time(), False
-    try:
-        while len(ended) < len(jobs):
-            live = queue(jobs.values())
-            if live is None:
-                if not silent:
-                    tell(f"squeue did not answer ({datetime.now():%H:%M:%S}); still watching")
-                silent = True
-            else:
-                silent = False
-                for name, job in jobs.items():
-                    if name in ended:
-                        continue
-                    run_dir = sweep_dir / name
-                    info = live.get(job)
-                    words, done = describe(info, run_dir)
-                    if done:
-                        ended.add(name)
-                        summary = read_json(run_dir / "summary.json") or {}
-                        if summary.get("status") == "running":
-                            _record_death(run_dir, job_error(run_dir, info))
-                        if not words.startswith("finished"):
-                            errors[name] = job_error(run_dir, info)
-                    if seen.get(name) != words:
-                        seen[name] = words
-                        tell(f"[{order.index(name) + 1}/{n}] {name}: job {job} {words} ({datetime.now():%H:%M:%S}, "
-                             f"{_clock(time.time() - start)} into the sweep)")
-            if len(ended) < len(jobs):
-                time.sleep(poll_s)
-    except KeyboardInterrupt:
-        tell("interrupted: cancelling the sweep's jobs")
-        cancel(sweep_dir, tell)
-        raise
+    while len(ended) < len(jobs):
+        live = queue(jobs.values())
+        if live is None:
+            if not silent:
+                tell(f"squeue did not answer ({datetime.now():%H:%M:%S}); still watching")
+            silent = True
+        else:
+            silent = False
+            for name, job in jobs.items():
+                if name in ended:
+                    continue
+                run_dir = sweep_dir / name
+                info = live.get(job)
+                unlisted[name] = 0 if info else unlisted.get(name, 0) + 1
+                if info is None and unlisted[name] < 2:  # squeue lists an ended job for minutes: be sure
+                    continue
+                words, done = describe(info, run_dir)
+                if done:
+                    ended.add(name)
+                    summary = read_json(run_dir / "summary.json") or {}
+                    if summary.get("status") == "running":
+                        _record_death(run_dir, job_error(run_dir, info))
+                    if not words.startswith("finished"):
+                        errors[name] = job_error(run_dir, info)
+                if seen.get(name) != words:
+                    seen[name] = words
+                    tell(f"[{order.index(name) + 1}/{n}] {name}: job {job} {words} ({datetime.now():%H:%M:%S}, "
+                         f"{_clock(time.time() - start)} into the sweep)")
+        if len(ended) < len(jobs):
+            time.sleep(poll_s)
     return errors

@@ -95,7 +95,8 @@ def test_the_notebook_on_slurm_runs_side_by_side_and_writes_the_local_summary(cl
     ends = [r["ended"] for r in rec.values()]
     assert max(starts) < min(ends), f"the four jobs did not overlap: {rec}"  # all four ran at once
     out = (tmp_path / "out.ipynb").read_text()  # the notebook's output: a line per change of a job's state
-    assert "job " + rec[names[0]]["job_id"] + " running on embx1" in out and rec[names[0]]["node"] == "embx1" and "finished, final val_loss" in out
+    assert f"job {rec[names[0]]['job_id']} running on embx1" in out and "finished, final val_loss" in out
+    assert rec[names[0]]["node"] == "embx1"
     with capsys.disabled():  # for the closing note: the jobs, where and when they ran
         print(f"\nslurm sweep through the notebook: {took:.1f} s")
         for n, r in rec.items():
@@ -155,7 +156,7 @@ def test_a_job_stopped_by_sigterm_is_requeued_and_resumes_to_the_same_loss(clust
     reference = launch.launch({**base, "extra_embeds": 1, "seed": 0}, run_name="ref", runs_root=str(tmp_path / "ref"),
                               nproc_per_node=1, progress=False, echo=lambda s: None)
     want = read_json(reference / "summary.json")["final_val_loss"]
-    got = table.final_val_loss[0]
+    got = float(table.final_val_loss[0])
     assert got == pytest.approx(want, abs=1e-6)
     with capsys.disabled():
         print(f"\nrequeue: job {job} TERM'd after its checkpoint at step {at_step} of 12: final val_loss {got!r} after "
@@ -305,7 +306,8 @@ def test_a_two_node_job_runs_one_launcher_per_node_with_the_rendezvous_from_slur
     settings = launch.check_settings(dict(nproc_per_node=4, **slurm.node_settings({**env, "SLURM_NODEID": "1"}),
                                           run_name="r", runs_root=str(tmp_path)))
     cmd = launch.command(cfg, {"preset": "medium"}, settings, tmp_path / "r", resume=False)
-    assert cmd[3:8] == ["--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=gpu03", "--master_port=24711"], cmd
+    assert cmd[3:8] == ["--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=gpu03",
+                        "--master_port=24711"], cmd
     assert slurm.node_settings({}) == dict(nnodes=1, node_rank=0)
     assert slurm.first_host("cpu1,gpu[03-05,07]") == "cpu1" and slurm._minutes("2-00:00:00") == 2880
     assert slurm._gpus("gpu:h100:8(S:0-1)") == 8 and slurm._minutes("infinite") is None

@@ -188,10 +188,12 @@ def config_flags(cfg: Config, params: dict) -> list[str]:
     return out
 
 
-def launch(params: dict, echo=print, config=None, **settings) -> Path:
+def launch(params: dict, echo=print, config=None, node0_state: str | None = None, **settings) -> Path:
     """Validate, start torchrun, stream its output to <run>/console.log and a tqdm bar (or, with progress=False,
     plain lines through echo), return the run folder. config: a config file the parameters override.
-    Raises LaunchError with the failing rank's last lines if the run fails; no child process is left behind."""
+    Raises LaunchError with the failing rank's last lines if the run fails; no child process is left behind.
+    node0_state: on a node other than 0, the run folder's state (run_state) as node 0 found it: the folder changes
+    under the other nodes once node 0's trainer starts, and every node must agree on new or resume."""
     s = check_settings(settings)
     message = unknown_names(params, CONFIG_FIELDS)
     if message:
@@ -202,13 +204,13 @@ def launch(params: dict, echo=print, config=None, **settings) -> Path:
     problem = reuse_problem(run_dir, cfg)
     if problem:
         raise ValueError(f"run_name={run_dir.name!r}: {problem}")
-    if run_state(run_dir) == "finished":
+    if (node0_state or run_state(run_dir)) == "finished":
         echo(f"{run_dir}: already finished, nothing to train")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # held until torchrun has ended: one launcher per folder (node 0's: the other nodes share its folder)
     with FolderLock(run_dir, RUN_LOCK, note=echo) if s["node_rank"] == 0 else contextlib.nullcontext():
-        state = run_state(run_dir)
+        state = node0_state or run_state(run_dir)
         problem = reuse_problem(run_dir, cfg)  # again: another process may have started it meanwhile
         if problem:
             raise ValueError(f"run_name={run_dir.name!r}: {problem}")

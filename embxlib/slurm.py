@@ -298,12 +298,14 @@ class RunJob:
             return str(run_dir)
         if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):  # launch() would take the machine's
             env["OMP_NUM_THREADS"] = str(max(1, int(env["SLURM_CPUS_PER_TASK"]) // self.nproc_per_node))
+        attempt = f"{job}#{env.get('SLURM_RESTART_COUNT', '0')}"
         try:
             if node_rank == 0:
-                self._prepare(run_dir, job)
+                self._prepare(run_dir, job, attempt)
             launch.launch(self.params, echo=lambda line: print(line, flush=True), config=self.config,
                           run_name=self.name, runs_root=self.sweep_dir, resume=True, progress=False,
-                          nproc_per_node=self.nproc_per_node, **node_settings(env))
+                          nproc_per_node=self.nproc_per_node, **node_settings(env),
+                          node0_state=None if node_rank == 0 else node0_state(run_dir, attempt))
         except BaseException as e:
             if node_rank == 0 and stopped_by_sigterm(run_dir, e) and self._requeue(job, run_dir):
                 sys.exit(f"{self.name}: stopped by SIGTERM; requeued job {job}, it resumes from {run_dir}")
@@ -317,7 +319,9 @@ class RunJob:
             launch.show_run(run_dir)  # loss.png, as the run notebook saves it
         return str(run_dir)
 
-    def _prepare(self, run_dir: Path, job: str) -> None:
+    def _prepare(self, run_dir: Path, job: str, attempt: str) -> None:
+        """Node 0, before its trainer starts: a folder without a checkpoint aside, then this attempt's record (with
+        the state the other nodes go by)."""
         from . import launch
         record = read_json(run_dir / SLURM_RECORD) or {}
         if launch.run_state(run_dir) == "broken":  # stopped before its first checkpoint: aside, start again
@@ -325,7 +329,8 @@ class RunJob:
             print(f"# {run_dir.name}: no checkpoint, moved to {aside.name}, starting again", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomically(run_dir / SLURM_RECORD, {**record, "job_id": job, "node": _node(), "started": _now(),
-                                                        "ended": None, "error": None,
+                                                        "ended": None, "error": None, "attempt": attempt,
+                                                        "state": launch.run_state(run_dir),
                                                         "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))})
 
     def _requeue(self, job: str, run_dir: Path) -> bool:
@@ -342,6 +347,18 @@ class RunJob:
         print(f"# {self.name}: stopped by SIGTERM, scontrol requeue {job}: "
               f"{'done' if r.returncode == 0 else _first_error(r.stderr)}", flush=True)
         return r.returncode == 0
+
+
+def node0_state(run_dir: Path, attempt: str, timeout_s: float = 600, poll_s: float = 0.5) -> str:
+    """On the other nodes of a multi-node job: the run folder's state as node 0 found it for this attempt (job id
+    and restart count), from the record node 0 writes before its trainer starts."""
+    end = time.time() + timeout_s
+    while time.time() < end:
+        record = read_json(run_dir / SLURM_RECORD) or {}
+        if record.get("attempt") == attempt and record.get("state"):
+            return record["state"]
+        time.sleep(poll_s)
+    raise TimeoutError(f"{run_dir / SLURM_RECORD}: node 0 did not record attempt {attempt} in {timeout_s:.0f} s")
 
 
 def _node() -> str:

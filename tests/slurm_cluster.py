@@ -2,7 +2,7 @@
 root in the foreground (so that exactly these processes are stopped afterwards), every state, spool, log, pid and
 socket file under the folder, the ports picked free. Clients find it through SLURM_CONF.
 
-    python tests/slurm_cluster.py /tmp/cluster      # start one by hand and keep it up (Ctrl-C stops it)
+    python tests/slurm_cluster.py /tmp/cluster      # start one by hand and keep it up (Ctrl-C or kill stops it)
 """
 from __future__ import annotations
 
@@ -162,6 +162,7 @@ PartitionName=lab Nodes={NODE} AllowAccounts=physics MaxTime=30 State=UP
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # kill <pid> stops the daemons too (the finally below)
     c = Cluster(Path(sys.argv[1])).start()
     print(f"export SLURM_CONF={c.conf}", flush=True)
     try:

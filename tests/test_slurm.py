@@ -309,5 +309,13 @@ def test_a_two_node_job_runs_one_launcher_per_node_with_the_rendezvous_from_slur
     assert cmd[3:8] == ["--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=gpu03",
                         "--master_port=24711"], cmd
     assert slurm.node_settings({}) == dict(nnodes=1, node_rank=0)
+    # the other nodes start as node 0 decided for this attempt (new or resume), whatever the folder shows later
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / SLURM_RECORD).write_text(json.dumps({"attempt": "4711#0", "state": "new"}))
+    with pytest.raises(TimeoutError, match="node 0 did not record attempt 4711#1"):
+        slurm.node0_state(run, "4711#1", timeout_s=1)
+    (run / SLURM_RECORD).write_text(json.dumps({"attempt": "4711#1", "state": "resumable"}))
+    assert slurm.node0_state(run, "4711#1", timeout_s=1) == "resumable"
     assert slurm.first_host("cpu1,gpu[03-05,07]") == "cpu1" and slurm._minutes("2-00:00:00") == 2880
     assert slurm._gpus("gpu:h100:8(S:0-1)") == 8 and slurm._minutes("infinite") is None

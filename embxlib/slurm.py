@@ -456,6 +456,25 @@ def cancel(sweep_dir, echo=print) -> list[str]:
 
 # --- the sweep -----------------------------------------------------------------------------------------
 
+def recorded_job(run_dir: Path) -> str | None:
+    """The run's job id from its record; for a submission that stopped before it wrote the id, the job squeue
+    lists under the submission's name (then written into the record), else None: it was never submitted."""
+    record = read_json(run_dir / SLURM_RECORD) or {}
+    pending = record.get("pending")
+    if not pending:
+        return record.get("job_id")
+    r = _call("squeue", "--noheader", "--array", "--states=all", f"--name={pending['job_name']}", "--format=%i")
+    ids = r.stdout.split() if r.returncode == 0 else []
+    if r.returncode != 0:
+        raise SlurmError(f"backend=slurm: squeue did not answer ({_first_error(r.stderr)}); nothing was submitted")
+    want = [i for i in ids if i.endswith(f"_{pending['task']}")] if pending.get("array") else ids[:1]
+    if not want:
+        _note(run_dir, pending=None)
+        return None
+    _note(run_dir, job_id=want[0], pending=None, submitted=record.get("submitted") or _now())
+    return want[0]
+
+
 def describe(info: dict | None, run_dir: Path) -> tuple[str, bool]:
     """(the words for a job's state, whether it has ended)."""
     if info is not None and info["state"] in ACTIVE:
@@ -503,7 +522,7 @@ def sweep(runs: list[tuple[str, dict]], sweep_dir: Path, nproc_per_node: int, co
     cfgs = [resolve(p, nproc_per_node * s["nodes"], config) for _, p in runs]
     n = len(runs)
     s = check_cluster(resources(s, cfgs, nproc_per_node), n)
-    known = {name: (read_json(sweep_dir / name / SLURM_RECORD) or {}).get("job_id") for name, _ in runs}
+    known = {name: recorded_job(sweep_dir / name) for name, _ in runs}
     live = queue([j for j in known.values() if j])
     if live is None:
         raise SlurmError("backend=slurm: squeue did not answer; nothing was submitted (a rerun continues)")
@@ -536,9 +555,13 @@ def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s
     watch over these and the jobs found still queued (watching: run name -> job id)."""
     folder = sweep_dir / JOBS_FOLDER
     if todo:
-        ex = executor(s, folder, f"embx-{sweep_dir.name}")
-        for name, _ in todo:
+        # a name of this submission's own, in every run's record before sbatch: a sweep stopped between sbatch and
+        # the job ids below finds its jobs by it when run again (recorded_job), instead of submitting them twice
+        job_name = f"embx-{sweep_dir.name}-{datetime.now():%Y%m%d%H%M%S}-{os.getpid()}"
+        ex = executor(s, folder, job_name)
+        for k, (name, _) in enumerate(todo):
             (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+            _note(sweep_dir / name, pending=dict(job_name=job_name, task=k, array=len(todo) > 1))
         jobs = [RunJob(name, p, str(sweep_dir), nproc_per_node, config and str(config), s["max_requeues"])
                 for name, p in todo]
         t = time.time()

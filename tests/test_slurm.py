@@ -201,6 +201,25 @@ def test_a_rerun_while_jobs_are_queued_submits_nothing_and_an_interrupt_cancels_
                                                                   f"queued or running"]
 
 
+def test_a_sweep_stopped_between_sbatch_and_its_records_finds_its_jobs_when_run_again(cluster, corpus, tmp_path):
+    """The records name the submission before sbatch; the job ids come after it. Stopped in between (here: the
+    array submitted by hand, held, under that name), the rerun finds the jobs by the name and submits nothing."""
+    sweep_dir, name = tmp_path / "sweep", "embx-sweep-20261202000000-1"
+    r = cluster.run("sbatch", "--hold", f"--job-name={name}", "--array=0-1", "--parsable", "--wrap", "true")
+    array = r.stdout.strip()
+    names = ["extra_embeds0_s0", "extra_embeds1_s0"]
+    for k, n in enumerate(names):
+        (sweep_dir / n).mkdir(parents=True)
+        (sweep_dir / n / SLURM_RECORD).write_text(json.dumps({"pending": {"job_name": name, "task": k, "array": True}}))
+    said = []
+    launch.sweep(GRID, [0], fast_params(corpus), str(sweep_dir), backend="slurm", slurm={"wait": False},
+                 echo=said.append)
+    assert said[:2] == [f"[1/2] {names[0]}: job {array}_0 is pending, not submitted again",
+                        f"[2/2] {names[1]}: job {array}_1 is pending, not submitted again"], said
+    assert [read_json(sweep_dir / n / SLURM_RECORD)["job_id"] for n in names] == [f"{array}_0", f"{array}_1"]
+    assert slurm.cancel(sweep_dir, said.append) == [f"{array}_0", f"{array}_1"]
+
+
 def test_forty_runs_are_one_array_submitted_in_seconds(cluster, corpus, tmp_path):
     sweep_dir = tmp_path / "sweep"
     grid, seeds = {"extra_embeds": list(range(10))}, [0, 1, 2, 3]

@@ -561,18 +561,18 @@ def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s
         ex = executor(s, folder, job_name)
         for k, (name, _) in enumerate(todo):
             (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-            _note(sweep_dir / name, pending=dict(job_name=job_name, task=k, array=len(todo) > 1))
+            previous = read_json(sweep_dir / name / SLURM_RECORD) or {}
+            write_json_atomically(sweep_dir / name / SLURM_RECORD, dict(
+                pending=dict(job_name=job_name, task=k, array=len(todo) > 1),
+                earlier_jobs=previous.get("earlier_jobs", []) + ([previous["job_id"]] if previous.get("job_id") else [])))
         jobs = [RunJob(name, p, str(sweep_dir), nproc_per_node, config and str(config), s["max_requeues"])
                 for name, p in todo]
         t = time.time()
         submitted = ex.submit_array(jobs) if len(jobs) > 1 else [ex.submit(jobs[0])]
         took = time.time() - t
-        for (name, _), job in zip(todo, submitted):
-            previous = read_json(sweep_dir / name / SLURM_RECORD) or {}
-            write_json_atomically(sweep_dir / name / SLURM_RECORD, dict(
-                job_id=job.job_id, submitted=_now(), partition=s["partition"], log=str(job.paths.stdout),
-                err=str(job.paths.stderr), earlier_jobs=previous.get("earlier_jobs", []) + (
-                    [previous["job_id"]] if previous.get("job_id") else [])))
+        for (name, _), job in zip(todo, submitted):  # merged: a job that started already has added its own fields
+            _note(sweep_dir / name, job_id=job.job_id, pending=None, submitted=_now(), partition=s["partition"],
+                  log=str(job.paths.stdout), err=str(job.paths.stderr))
             watching[name] = job.job_id
         first = submitted[0].job_id.split("_")[0]
         gpus = f", {s['gpus_per_node']} GPUs" if s["gpus_per_node"] else ""

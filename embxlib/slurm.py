@@ -123,10 +123,10 @@ def _first_error(text: str) -> str:
 
 def partitions() -> dict[str, dict]:
     """What sinfo offers, by partition: default, availability, nodes, CPUs and GPUs per node, time limit (minutes,
-    None: unlimited), node names. Raises SlurmError when the controller does not answer."""
+    None: unlimited). Raises SlurmError when a SLURM command is missing or the controller does not answer."""
     for tool in TOOLS:
         _tool(tool)
-    r = _call("sinfo", "--noheader", "--format=%P|%a|%D|%c|%G|%l|%N")
+    r = _call("sinfo", "--noheader", "--format=%P|%a|%D|%c|%G|%l")
     if r.returncode != 0:
         raise SlurmError(f"backend=slurm: the SLURM controller does not answer (sinfo: {_first_error(r.stderr)}); "
                          f"check slurmctld (SLURM_CONF={os.environ.get('SLURM_CONF', '/etc/slurm/slurm.conf')}), "
@@ -134,16 +134,15 @@ def partitions() -> dict[str, dict]:
     out: dict[str, dict] = {}
     for line in r.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 7:
+        if len(parts) != 6:
             continue
-        name, avail, nodes, cpus, gres, limit, nodelist = parts
+        name, avail, nodes, cpus, gres, limit = parts  # a line per partition and node state
         p = out.setdefault(name.rstrip("*"), dict(default=name.endswith("*"), up=False, nodes=0, cpus=0, gpus=0,
-                                                  time_min=_minutes(limit), nodelist=[]))
+                                                  time_min=_minutes(limit)))
         p["up"] |= avail == "up"
         p["nodes"] += int(nodes)
         p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
         p["gpus"] = max(p["gpus"], _gpus(gres))
-        p["nodelist"].append(nodelist)
     return out
 
 

@@ -4,6 +4,8 @@
     python -m embxlib.launch demo                                      # the README's main job
     python -m embxlib.launch run --config runs/<run>/config.json --seed 1   # any run, flags as embxlib.train
     python -m embxlib.launch sweep -y '{grid: {extra_embeds: [0, 1]}, seeds: [0, 1]}'
+    python -m embxlib.launch sweep --backend slurm -f sweep.yaml           # each run a SLURM job (embxlib/slurm.py)
+    python -m embxlib.launch cancel runs/sweep                             # scancel a SLURM sweep's jobs
 
 The bar lives here, in the parent; the ranks print plain `step:` lines (papermill's IOPub limits: only validation
 lines reach the notebook's output, everything goes to <run>/console.log).
@@ -42,7 +44,9 @@ LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="
                        run_name="", runs_root="runs", resume=False, progress=True, fail_at_step=-1, fail_rank=0)
 NONE_DEFAULT_TYPES = dict(nproc_per_node=int)  # the type of a launch setting whose default is None
 # parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
-SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="runs/sweep", nproc_per_node=1)
+SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="runs/sweep", nproc_per_node=1,
+                      backend="local", slurm={})
+BACKENDS = ("local", "slurm")  # local: one run after another here; slurm: each run a job (embxlib/slurm.py)
 
 
 class LaunchError(RuntimeError):
@@ -184,10 +188,12 @@ def config_flags(cfg: Config, params: dict) -> list[str]:
     return out
 
 
-def launch(params: dict, echo=print, config=None, **settings) -> Path:
+def launch(params: dict, echo=print, config=None, node0_state: str | None = None, **settings) -> Path:
     """Validate, start torchrun, stream its output to <run>/console.log and a tqdm bar (or, with progress=False,
     plain lines through echo), return the run folder. config: a config file the parameters override.
-    Raises LaunchError with the failing rank's last lines if the run fails; no child process is left behind."""
+    Raises LaunchError with the failing rank's last lines if the run fails; no child process is left behind.
+    node0_state: on a node other than 0, the run folder's state (run_state) as node 0 found it: the folder changes
+    under the other nodes once node 0's trainer starts, and every node must agree on new or resume."""
     s = check_settings(settings)
     message = unknown_names(params, CONFIG_FIELDS)
     if message:
@@ -198,13 +204,13 @@ def launch(params: dict, echo=print, config=None, **settings) -> Path:
     problem = reuse_problem(run_dir, cfg)
     if problem:
         raise ValueError(f"run_name={run_dir.name!r}: {problem}")
-    if run_state(run_dir) == "finished":
+    if (node0_state or run_state(run_dir)) == "finished":
         echo(f"{run_dir}: already finished, nothing to train")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # held until torchrun has ended: one launcher per folder (node 0's: the other nodes share its folder)
     with FolderLock(run_dir, RUN_LOCK, note=echo) if s["node_rank"] == 0 else contextlib.nullcontext():
-        state = run_state(run_dir)
+        state = node0_state or run_state(run_dir)
         problem = reuse_problem(run_dir, cfg)  # again: another process may have started it meanwhile
         if problem:
             raise ValueError(f"run_name={run_dir.name!r}: {problem}")
@@ -449,18 +455,39 @@ def sweep_spec(spec) -> dict:
 
 
 def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep",
-                nproc_per_node: int = 1, config=None) -> list[tuple[str, dict]]:
-    """Everything a sweep checks before its first run starts; its runs as sweep_runs gives them."""
+                nproc_per_node: int = 1, config=None, backend: str = "local", slurm: dict | None = None,
+                ask_cluster: bool = True) -> list[tuple[str, dict]]:
+    """Everything a sweep checks before its first run starts (with backend slurm, also what the cluster offers,
+    unless ask_cluster is False); its runs as sweep_runs gives them."""
     if not isinstance(sweep_dir, (str, os.PathLike)) or not str(sweep_dir):
         raise ValueError(f"sweep_dir={sweep_dir!r}: expected a folder, e.g. runs/sweep")
     if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
         raise ValueError(f"nproc_per_node={nproc_per_node!r}: must be an integer >= 1")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: allowed: {', '.join(BACKENDS)}")
+    from . import slurm as sl
+    s = sl.check_settings(slurm)
+    world = nproc_per_node * (s["nodes"] if backend == "slurm" else 1)
     runs = sweep_runs(grid, seeds, base)
+    cfgs = []
     for name, p in runs:
-        problem = reuse_problem(at_root(sweep_dir) / name, resolve(p, nproc_per_node, config))
+        cfgs.append(resolve(p, world, config))
+        problem = reuse_problem(at_root(sweep_dir) / name, cfgs[-1])
         if problem:
             raise ValueError(f"run {name!r}: {problem}")
+    if backend == "slurm" and ask_cluster:
+        sl.check_cluster(sl.resources(s, cfgs, nproc_per_node), len(runs))
     return runs
+
+
+def move_aside(run_dir: Path, echo) -> Path:
+    """A run that crashed before its first checkpoint cannot resume: its folder (logs and all) is kept under a new
+    name, so that the run starts again in an empty one."""
+    aside = run_dir.with_name(f"{run_dir.name}.failed-{datetime.now():%Y%m%d-%H%M%S}")
+    with FolderLock(run_dir, RUN_LOCK, note=echo):  # not while a launcher outside the sweep trains it
+        run_dir.rename(aside)
+    (aside / RUN_LOCK).unlink(missing_ok=True)
+    return aside
 
 
 class SweepFailed(LaunchError):
@@ -477,13 +504,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
-          echo=print, config=None) -> "pd.DataFrame":
+          echo=print, config=None, backend: str = "local", slurm: dict | None = None) -> "pd.DataFrame":
     """Run every (variant, seed) through nbs/run_variant.ipynb with papermill, one after another, each into
     <sweep_dir>/<name>/, starting from the config file `config` if given. Finished runs are skipped, interrupted
     ones resumed from their checkpoints. A run that fails is recorded (status and error in summary.csv) and the
     sweep goes on; at the end it raises SweepFailed naming the failed runs. Writes and returns the summary table
-    <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir."""
-    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config)
+    <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir.
+    backend="slurm": each run is a job of one SLURM array instead, with the settings `slurm` (embxlib/slurm.py);
+    the same folders, skips, resumes and table."""
+    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config, backend, slurm, ask_cluster=False)
     sweep_dir = at_root(sweep_dir)
 
     def tell(line: str) -> None:
@@ -496,17 +525,18 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
     sweep_dir.mkdir(parents=True, exist_ok=True)
     errors: dict[str, str] = {}
     with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
-        for i, (name, p) in enumerate(runs):
+        if backend == "slurm":
+            from . import slurm as sl
+            errors = sl.sweep(runs, sweep_dir, nproc_per_node, config and at_root(config), sl.check_settings(slurm),
+                              tell, echo)
+        for i, (name, p) in enumerate(runs if backend == "local" else []):
             run_dir = sweep_dir / name
             state = run_state(run_dir)
             if state == "finished":
                 echo(f"[{i + 1}/{len(runs)}] {name}: finished, skipped")
                 continue
             if state == "broken":  # crashed before its first checkpoint: keep it aside, start again
-                aside = run_dir.with_name(f"{name}.failed-{datetime.now():%Y%m%d-%H%M%S}")
-                with FolderLock(run_dir, RUN_LOCK, note=echo):  # not while a launcher outside the sweep trains it
-                    run_dir.rename(aside)
-                (aside / RUN_LOCK).unlink(missing_ok=True)
+                aside = move_aside(run_dir, echo)
                 echo(f"[{i + 1}/{len(runs)}] {name}: no checkpoint, moved to {aside.name}, starting again")
             tell(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'} "
                  f"({datetime.now():%H:%M:%S})")
@@ -622,9 +652,14 @@ def main(argv=None):
     r.add_argument("--runs-root", default="runs", help="parent folder of the run (default: runs)")
     r.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: the GPUs, or 1 on CPU)")
     add_config_args(r)
-    sw = sub.add_parser("sweep", help="run a grid of variants x seeds through the notebook")
-    sw.add_argument("-y", "--yaml", required=True, help="YAML with grid, seeds, base, config (a config file every "
-                    "run starts from), sweep_dir")
+    sw = sub.add_parser("sweep", help="run a grid of variants x seeds through the notebook (or as SLURM jobs)")
+    sw.add_argument("-y", "--yaml", default=None, help="YAML with grid, seeds, base, config (a config file every "
+                    "run starts from), sweep_dir, nproc_per_node, backend (local or slurm), slurm (its settings)")
+    sw.add_argument("-f", "--file", default=None, help="a YAML file with the same keys (-y's keys override it)")
+    sw.add_argument("--backend", choices=BACKENDS, default=None, help="local: one run after another on this machine "
+                    "(default); slurm: each run a job of a SLURM array (overrides the YAML's backend)")
+    c = sub.add_parser("cancel", help="scancel every job a SLURM sweep submitted")
+    c.add_argument("sweep_dir", help="the sweep's folder (its sweep_dir)")
     args = ap.parse_args(argv)
     if args.cmd == "demo":
         demo(args.runs_root)
@@ -641,10 +676,16 @@ def main(argv=None):
                 run(fields, args.config, args.run_name, args.runs_root, args.nproc_per_node)
             except (FolderLocked, OSError, _notebook_error()) as e:
                 ap.exit(1, f"{ap.prog} run: error: {_first_line(e)}\n")
+    elif args.cmd == "cancel":
+        from .slurm import cancel
+        try:
+            cancel(args.sweep_dir)
+        except (ValueError, OSError) as e:
+            ap.exit(1, f"{ap.prog} cancel: error: {e}\n")
     else:
         try:
-            spec = sweep_spec(yaml.safe_load(args.yaml))
-            check_sweep(**spec)  # the error before the first run, not a traceback
+            spec = sweep_file_and_yaml(args.file, args.yaml, args.backend)
+            check_sweep(**spec)  # the error before the first run (or job), not a traceback
         except (ValueError, yaml.YAMLError) as e:
             ap.exit(2, f"{ap.prog} sweep: error: {e}\n")
         with signals_interrupt():
@@ -653,8 +694,31 @@ def main(argv=None):
             except SweepFailed as e:
                 print(e.table)
                 ap.exit(1, f"{ap.prog} sweep: error: {e}\n")
-            except (FolderLocked, OSError) as e:
+            except (FolderLocked, OSError, ValueError) as e:  # ValueError: the cluster refused (slurm.SlurmError)
                 ap.exit(1, f"{ap.prog} sweep: error: {e}\n")
+
+
+def sweep_file_and_yaml(path, text, backend) -> dict:
+    """sweep()'s keyword arguments from a sweep file, -y's YAML over it, --backend over both."""
+    import yaml
+    if path is None and text is None:
+        raise ValueError("needs -y YAML or -f FILE with the sweep's keys, e.g. -y '{grid: {extra_embeds: [0, 1]}}'")
+    spec = {}
+    if path is not None:
+        try:
+            spec = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ValueError(f"sweep file {path}: {e.strerror or e}") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"sweep file {path}: expected a mapping with keys {sorted(SWEEP_SETTINGS)}")
+    if text is not None:
+        given = yaml.safe_load(text)
+        if not isinstance(given, dict):
+            raise ValueError(f"sweep YAML {given!r}: expected a mapping with keys {sorted(SWEEP_SETTINGS)}")
+        spec = {**spec, **given}
+    if backend is not None:
+        spec["backend"] = backend
+    return sweep_spec(spec)
 
 
 def _notebook_error() -> type:

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 RUN_LOCK, SWEEP_LOCK = "run.lock", "sweep.lock"
+SLURM_RECORD = "slurm.json"  # the SLURM job of a sweep run (embxlib/slurm.py), written before the trainer starts
 
 
 # --- names -------------------------------------------------------------------------------------------

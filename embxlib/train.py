@@ -50,10 +50,11 @@ from .config import Config, add_config_args, config_from_args  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers  # noqa: E402
-from .streams import describe_stream, mixing_columns, streams  # noqa: E402
-from .runfolder import (MAX_NAME_BYTES, RUN_LOCK, FolderLock, FolderLocked, end_torn_line, lock_info,  # noqa: E402
-                        process_alive, read_json, read_jsonl, remove_stale_tmp, write_atomically,
+from .runfolder import (MAX_NAME_BYTES, RUN_LOCK, SLURM_RECORD, FolderLock, FolderLocked, end_torn_line,  # noqa: E402
+                        lock_info, process_alive, read_json, read_jsonl, remove_stale_tmp, write_atomically,
                         write_json_atomically, write_text_atomically)
+
+from .streams import describe_stream, mixing_columns, streams  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -259,8 +260,10 @@ def resolve_device(cfg: Config) -> torch.device:
 # --- run folder and logging ----------------------------------------------------------------------
 
 def is_new_run_dir(d: Path) -> bool:
-    """Nothing there yet but what the launcher writes first: the executed notebook, console.log and its lock."""
-    return not d.exists() or all(p.suffix == ".ipynb" or p.name in ("console.log", RUN_LOCK) for p in d.iterdir())
+    """Nothing there yet but what the launcher writes first: the executed notebook, console.log, its lock, and a
+    SLURM sweep's record of the run's job."""
+    return not d.exists() or all(p.suffix == ".ipynb" or p.name in ("console.log", RUN_LOCK, SLURM_RECORD)
+                                 for p in d.iterdir())
 
 
 def new_run_dir(args, cfg: Config) -> Path:

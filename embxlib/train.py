@@ -53,7 +53,6 @@ from .optim import apply_schedules, build_optimizers  # noqa: E402
 from .runfolder import (MAX_NAME_BYTES, RUN_LOCK, SLURM_RECORD, FolderLock, FolderLocked, end_torn_line,  # noqa: E402
                         lock_info, process_alive, read_json, read_jsonl, remove_stale_tmp, write_atomically,
                         write_json_atomically, write_text_atomically)
-
 from .streams import describe_stream, mixing_columns, streams  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"

@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The trainer and the launcher leave a signal their parent ignores ignored (nohup, a shell's background job): the
+# user's choice. The tests that send SIGINT, SIGHUP or SIGTERM need them delivered however the suite was started, so
+# the suite's process (and, through exec, every process it starts) gets the default dispositions back.
+for _sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
 CORPUS = ROOT / "data" / "shakespeare"
 
 # a few steps of the tiny architecture on short sequences; every training test starts from these flags

@@ -69,7 +69,7 @@ class Config:
     ve_layers: tuple[int, ...] = ()  # explicit per-layer table index (-1: none), length num_layers; overrides layout
     token_lambdas: str = ""  # per-token lambda embeddings (vocab, 1) per layer on this input stream (x00, x01, ..., bigram); empty: off
     ve_init_std: float = 1.0  # value-embedding tables start N(0, std^2) (nn.Embedding's 1; the 2026-02-03 VeTuned record 0.01)
-    ve_gates: str = "off"  # value embedding times a per-head gate 2 sigmoid(W g): g = norm(x)[:ve_gate_dim] (x), or its first half and ve's (x_ve)
+    ve_gates: str = "off"  # value embedding times a per-head gate 2 sigmoid(W g), g the first ve_gate_dim channels of norm(x) (x), or half from norm(x), half from ve (x_ve)
     ve_gate_dim: int = 16  # channels the value-embedding gate reads (upstream medium record 18: 16; VeTuned: 6 + 6)
     bigram_embeds: int = 0  # 1: a bigram hash embedding, zero-init, added un-normed before every block with lambdas from 0.1
     bigram_vocab_mult: int = 5  # rows of the bigram hash table in multiples of the padded vocabulary (upstream 5 x 50,304)

@@ -59,6 +59,8 @@ def test_run_variant_parameters_match_config():
         name = line.split(" = ")[0]
         if name in helps:
             assert line.endswith("# " + helps[name]), f"comment of {name} differs from its Config comment"
+    import papermill  # its own parser of the cell (papermill --help-notebook; a comment it cannot parse is a warning
+    assert list(papermill.inspect_notebook(str(ROOT / "nbs" / "run_variant.ipynb"))) == names  # on every run)
     values = {t.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body for t in node.targets}
     assert {k: values[k] for k in launch.LAUNCH_SETTINGS} == launch.LAUNCH_SETTINGS and values["config"] is None
 

@@ -220,8 +220,9 @@ def adam_groups(model, cfg: Config) -> list[dict]:
     tables = [dict(params=ps, lr=getattr(cfg, lr), name=group) for (group, lr), ps in by_group.items()]
     groups = [dict(params=[model.lm_head_w], lr=cfg.head_lr, name="head"), tables[0],  # the input table's group
               dict(params=[model.scalars], lr=cfg.scalar_lr, name="scalars"), *tables[1:]]
-    if model.ve_gates():  # small, replicated matrices like the scalars (upstream's later records: Adam)
-        groups.append(dict(params=model.ve_gates(), lr=cfg.scalar_lr, name="ve_gates"))
+    gates = model.ve_gates()
+    if gates:  # small, replicated matrices like the scalars (upstream's later records: Adam)
+        groups.append(dict(params=gates, lr=cfg.scalar_lr, name="ve_gates"))
     return groups
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from embxlib.config import tiny
 from embxlib.model import GPT
 from embxlib.streams import bigram_rows
-from test_upstream import X01Reference, D, H, T, W, data, rms
+from test_upstream import X01Reference, D, H, W, data, rms
 from test_upstream import models as x01_models
 
 torch.set_num_threads(2)

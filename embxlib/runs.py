@@ -630,16 +630,46 @@ def load_lambdas(paths, pool: bool = False) -> pd.DataFrame:
 def run_settings(paths) -> pd.DataFrame:
     """One row per embxlib run folder among paths (as load_runs expands them): source, the config.json fields,
     and the code it ran: commit (from log.txt's header) and dirty (the checkout had uncommitted changes, kept in
-    the folder's git.diff). What a post states about how its runs were made comes from here."""
+    the folder's git.diff); and where: platform (Python's platform string, whose kernel build tells two machines
+    of this workplace apart) and cpu (the CPU model, for runs whose header names it, else None). What a post states about how its runs were made comes from here."""
     rows = []
     for path in _expand(paths):
         if not (path.is_dir() and (path / "config.json").is_file()):
             continue
         header = _read_text(path / "log.txt")[:4096] if (path / "log.txt").is_file() else ""
         found = re.search(r"^git commit: (\S+)(.*)$", header, re.M)
+        machine = re.search(r"^Running Python \S+ on (\S+)", header, re.M)
+        cpu = re.search(r"^cpu: (.+?), \d+ logical CPUs", header, re.M)  # (runs before 2026-12-02 lack this line)
         rows.append({"source": str(path), **_read_json_file(path / "config.json"),
-                     "commit": found[1] if found else None, "dirty": bool(found and "uncommitted" in found[2])})
+                     "commit": found[1] if found else None, "dirty": bool(found and "uncommitted" in found[2]),
+                     "platform": machine[1] if machine else None, "cpu": cpu[1] if cpu else None})
     return pd.DataFrame(rows)
+
+
+RERUN_LABELS = frozenset({"name", "preset"})  # config.json fields a rerun may change: labels only (the seed must match)
+
+
+def rerun_match(run, rerun) -> pd.DataFrame:
+    """Whether a rerun of a run folder reproduced it: one row per validation step either logged, with both losses
+    as metrics.jsonl holds them (every digit of the float), their difference and `equal` (the same float), and
+    both clocks. A rerun matches to the last digit where `equal` holds on every row.
+
+    Raises ValueError naming the fields when the two configs differ in more than their labels; a field one
+    config.json lacks (added to Config after that run was made) counts as its Config default, which is how the
+    run trained."""
+    from .config import Config
+    a, b = (Path(from_root(p)) for p in (run, rerun))
+    defaults = json.loads(json.dumps(Config().to_dict()))
+    ca, cb = ({**defaults, **_read_json_file(p / "config.json")} for p in (a, b))
+    differ = sorted(k for k in set(ca) | set(cb) if k not in RERUN_LABELS and ca.get(k) != cb.get(k))
+    if differ:
+        raise ValueError(f"{b} is not a rerun of {a}: their configs differ in "
+                         + ", ".join(f"{k} ({ca.get(k)!r} vs {cb.get(k)!r})" for k in differ))
+    va, vb = (parse_run_folder(p, with_lambdas=False)[0][["step", "val_loss", "train_time_s"]] for p in (a, b))
+    out = va.merge(vb, on="step", how="outer", suffixes=("_run", "_rerun")).sort_values("step", ignore_index=True)
+    out["diff"] = out["val_loss_rerun"] - out["val_loss_run"]
+    out["equal"] = out["val_loss_rerun"] == out["val_loss_run"]
+    return out[["step", "val_loss_run", "val_loss_rerun", "diff", "equal", "train_time_s_run", "train_time_s_rerun"]]
 
 
 def select(table: pd.DataFrame, variants) -> pd.DataFrame:

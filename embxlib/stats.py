@@ -494,6 +494,33 @@ def time_matched(df: pd.DataFrame, variant: str, baseline: str, seeds: pd.DataFr
     return pd.DataFrame(rows).drop(columns=["Index"])
 
 
+def clock_stalls(df: pd.DataFrame, factor: float = 1.5) -> pd.DataFrame:
+    """Runs whose own clock stalled: per run, the time per step of every stretch between two validation points,
+    and the slowest stretch against the run's median stretch. A stretch at more than `factor` times the median
+    is a stall (another job on the machine, a swap storm): the steps are the same work, so their time should not
+    change, and a run's train_time there measures the machine, not the variant. Time-matched comparisons should
+    leave out seeds with a stalled run (their final losses are unaffected). Runs with fewer than three stretches
+    cannot be judged and are never flagged.
+
+    Returns run, variant, source (when present), median_ms_per_step, worst_ms_per_step, worst_from_step,
+    worst_to_step, ratio (worst / median) and stalled, one row per run."""
+    rows = []
+    for run, g in df.sort_values("step").groupby("run", sort=False):
+        g = g[np.isfinite(g["train_time_s"].to_numpy(dtype=float))]
+        steps, t = g["step"].to_numpy(dtype=float), g["train_time_s"].to_numpy(dtype=float)
+        rate = 1000 * np.diff(t) / np.diff(steps)
+        worst = int(np.argmax(rate)) if len(rate) else 0
+        median = float(np.median(rate)) if len(rate) else float("nan")
+        ratio = float(rate[worst] / median) if len(rate) and median > 0 else float("nan")
+        rows.append({"run": run, "variant": g["variant"].iloc[0],
+                     **({"source": g["source"].iloc[0]} if "source" in g else {}),
+                     "median_ms_per_step": median, "worst_ms_per_step": float(rate[worst]) if len(rate) else float("nan"),
+                     "worst_from_step": int(steps[worst]) if len(rate) else None,
+                     "worst_to_step": int(steps[worst + 1]) if len(rate) else None,
+                     "ratio": ratio, "stalled": bool(len(rate) >= 3 and ratio > factor)})
+    return pd.DataFrame(rows)
+
+
 def past_reference(finals: pd.DataFrame, reference: float, level: float = 0.95) -> pd.DataFrame:
     """How far each variant's final losses end below a reference loss (e.g. the bigram model's): per variant, runs,
     the mean of reference - loss with its two-sided `level` t interval, and how many runs end below it. Models

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
-from .config import Config, add_config_args, config_from_args  # noqa: E402
+from .config import Config, add_config_args, config_from_args, cpu_bf16_matmul  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers  # noqa: E402
@@ -414,10 +414,22 @@ def header_lines(cfg: Config, argv: list[str], world: int, accum: int, device: t
              f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
              f"python: {sys.executable}; torch: {torch.__version__} (git {torch.version.git_version}, "
              f"debug {torch.version.debug}) from {Path(torch.__file__).parent}"]
+    if device.type == "cpu":  # a run's clock is this machine's: name it (sessions move between CPU models)
+        lines.append(f"cpu: {cpu_model()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
+                     f"bf16 matmul in hardware: {'yes' if cpu_bf16_matmul() else 'no'}")
     if device.type == "cuda":  # as upstream: the GPUs, their memory and driver
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if _has("nvidia-smi") else ""
         lines += [torch.cuda.get_device_name(device), *smi.rstrip().splitlines()]
     return lines + [f"device: {device}, world_size: {world}, grad_accum_steps: {accum}", "=" * 100]
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else platform.processor(), else 'unknown'."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        found = None
+    return found[1].strip() if found else platform.processor() or "unknown"
 
 
 def _has(cmd: str) -> bool:

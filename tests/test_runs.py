@@ -486,6 +486,39 @@ def test_run_settings_name_the_commit_each_run_was_made_from(tmp_path):
     table = run_settings([tmp_path / "sweep"])
     assert list(table["commit"]) == [sha, sha] and list(table["dirty"]) == [False, True]
     assert list(table["seed"]) == [0, 1] and list(table["source"]) == [str(tmp_path / "sweep" / f"s{i}") for i in (0, 1)]
+    # and the machine: Python's platform string, and the CPU model as /proc/cpuinfo names it
+    import platform
+    import re
+    assert set(table["platform"]) == {platform.platform()}
+    cpuinfo = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    assert set(table["cpu"]) == {cpuinfo[0].strip() if cpuinfo else platform.processor() or "unknown"}
+    committed = run_settings([ROOT / "runs" / "cpu-x0" / "extra_embeds0_s0"])  # made before the cpu line existed
+    assert committed["cpu"].isna().all() and committed["platform"].str.startswith("Linux-").all()
+
+
+def test_rerun_match_compares_every_digit_and_refuses_a_different_config(tmp_path):
+    """A copy of a committed run matches itself on every step; one ulp off at one step is caught there; a config
+    that differs (here the seed) is refused by name; a field the older config.json lacks counts as its default."""
+    import shutil
+    from embxlib.runs import rerun_match
+    src = ROOT / "runs" / "cpu-x0" / "extra_embeds0_s0"
+    run, rerun = tmp_path / "run", tmp_path / "rerun"
+    for d in (run, rerun):
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.pt"))
+    same = rerun_match(run, rerun)
+    assert list(same["step"]) == [0, 50, 100, 150, 200] and same["equal"].all() and (same["diff"] == 0).all()
+    records = [json.loads(line) for line in (rerun / "metrics.jsonl").read_text().splitlines()]
+    records[3]["val_loss"] = float(np.nextafter(records[3]["val_loss"], np.inf))
+    (rerun / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    off = rerun_match(run, rerun).set_index("step")
+    assert list(off.index[~off["equal"]]) == [150] and 0 < off.loc[150, "diff"] < 1e-12
+    cfg = json.loads((run / "config.json").read_text())
+    assert "bigram_embeds" not in cfg  # made before the field existed; the new field's default is how it trained
+    (rerun / "config.json").write_text(json.dumps({**cfg, "bigram_embeds": 0, "name": "relabelled"}))
+    assert rerun_match(run, rerun)["step"].tolist() == [0, 50, 100, 150, 200]
+    (rerun / "config.json").write_text(json.dumps({**cfg, "seed": 1, "bigram_embeds": 1}))
+    with pytest.raises(ValueError, match=r"differ in bigram_embeds \(0 vs 1\), seed \(0 vs 1\)"):
+        rerun_match(run, rerun)
 
 
 # ----------------------------------------------------------------------------------------------------------

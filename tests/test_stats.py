@@ -431,6 +431,19 @@ def test_time_matched_by_hand():
     assert tm["at_s"].eq(100.0).all() and S.family(tm, [("slow", "fast")]).iloc[0]["design"] == "Welch"
 
 
+def test_clock_stalls_by_hand():
+    # 4 stretches of 50 steps: 10 s each, except run b's second at 30 s (0.6 s/step against a median of 0.2)
+    times = {"a": [0, 10, 20, 30, 40], "b": [0, 10, 40, 50, 60], "c": [0, 10, 20]}
+    val = pd.DataFrame([{"run": r, "variant": "v", "step": 50 * i, "train_time_s": float(t), "val_loss": 5.0}
+                        for r, ts in times.items() for i, t in enumerate(ts)])
+    out = S.clock_stalls(val).set_index("run")
+    assert out.loc["a", "ratio"] == 1.0 and not out.loc["a", "stalled"]
+    assert out.loc["b", "median_ms_per_step"] == 200.0 and out.loc["b", "worst_ms_per_step"] == 600.0
+    assert (out.loc["b", "worst_from_step"], out.loc["b", "worst_to_step"], out.loc["b", "ratio"]) == (50, 100, 3.0)
+    assert out.loc["b", "stalled"] and not S.clock_stalls(val, factor=3.0).set_index("run").loc["b", "stalled"]
+    assert not out.loc["c", "stalled"]  # two stretches: no median to judge them by
+
+
 def test_common_window_and_ranking_on_it():
     # a ends at 10 s, b at 20 s: over 0-20 b alone reaches its low tail; over the common 0-10 they are level
     val = pd.DataFrame({"run": ["a", "a", "b", "b", "b"], "variant": ["A", "A", "B", "B", "B"],

@@ -354,6 +354,27 @@ def test_compare_pairs_the_committed_cpu_runs_by_seed_as_issue_20_reports(cpu_x0
     assert compare_to_baseline(val, "x00-ve2").set_index("variant").loc["x01-ve2", "p_two_sided"] > 10 * row["p_value"]
 
 
+def test_the_study_paired_by_seed_from_the_sweeps_own_tables():
+    """Issue 20's study, recomputed from the sweeps' own summary.csv (written by the launcher, not read through
+    the runs parser): scipy's paired t-test over the seeds both arms finished gives what stats.family gives from
+    the run folders; the four main arms have 12 seeds each and VE gates at least 6."""
+    dirs = ("cpu-bigram", "cpu-vegates")
+    table = pd.concat([pd.read_csv(ROOT / "runs" / d / "summary.csv") for d in dirs], ignore_index=True)
+    assert set(table["status"]) == {"finished"}
+    wide = table.pivot(index="seed", columns="variant", values="final_val_loss")
+    assert wide[["x00-ve2", "x01-ve2", "x00-ve2-bigram", "x01-ve2-bigram"]].notna().sum().min() >= 12
+    assert wide["x00-ve2-gatex"].notna().sum() >= 6
+    inputs = [str(ROOT / "runs" / d / "*") for d in dirs]
+    pairs = [("x00-ve2-bigram", "x00-ve2"), ("x01-ve2-bigram", "x01-ve2"), ("x00-ve2-gatex", "x00-ve2")]
+    fam = S.family(S.final_values(load_runs(inputs), run_settings(inputs)), pairs)
+    for (v, b), row in zip(pairs, fam.itertuples()):
+        both = wide[[v, b]].dropna()
+        ref = scipy_stats.ttest_rel(both[v], both[b])
+        assert (row.variant, row.baseline, row.design, row.n_pairs) == (v, b, "paired", len(both))
+        assert row.p_value == pytest.approx(ref.pvalue, rel=1e-6) and row.t_stat == pytest.approx(ref.statistic, rel=1e-6)
+        assert row.diff == pytest.approx((both[v] - both[b]).mean(), abs=1e-9)
+
+
 def test_compare_falls_back_to_welch_and_says_why():
     a, b = [2.0, 2.3, 2.1, 2.6], [2.5, 2.7, 2.4]
     w = welch_test(a, b, alternative="two-sided")

@@ -332,6 +332,25 @@ def cpu_bf16_matmul() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+def differing_fields(found: dict, wanted: dict) -> list[tuple[str, object, object]]:
+    """(field, value in found, value in wanted) for every Config field whose values differ, lists and tuples alike.
+    A field one dict lacks (added to Config after that config was written) counts as its default: that run
+    trained as the default says."""
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+    missing = "(missing)"
+    defaults = {k: f.default for k, f in Config.__dataclass_fields__.items()}
+    found, wanted = {**defaults, **found}, {**defaults, **wanted}
+    return [(k, found.get(k, missing), wanted.get(k, missing))
+            for k in Config.__dataclass_fields__ if norm(wanted.get(k, missing)) != norm(found.get(k, missing))]
+
+
+def config_differences(found: dict, wanted: dict, found_as: str = "in the folder",
+                       wanted_as: str = "requested") -> list[str]:
+    """'field A <found_as>, B <wanted_as>' for every Config field whose values differ (differing_fields)."""
+    return [f"{k} {a!r} {found_as}, {b!r} {wanted_as}" for k, a, b in differing_fields(found, wanted)]
+
+
 def next_multiple(v: float, n: int) -> int:
     """The smallest multiple of n that is >= v and >= n, v a float, as upstream's next_multiple_of_n (which rounds the
     float up: 256.5 -> 384 for n = 128, where truncating to an int first would give 256)."""

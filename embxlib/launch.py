@@ -31,10 +31,10 @@ from datetime import datetime
 from pathlib import Path
 
 from . import ROOT, at_root
-from .config import Config, add_config_args, build_config, coerce_value
+from .config import Config, add_config_args, build_config, coerce_value, config_differences
 from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, end_torn_line,
                         read_json, write_atomically, write_json_atomically, write_text_atomically)
-from .train import CHECKPOINT, config_differences, is_new_run_dir, peek_checkpoint
+from .train import CHECKPOINT, is_new_run_dir, peek_checkpoint
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
 STEP = re.compile(r"step:(\d+)/(\d+)(?: val_loss:([\d.]+|nan))?")

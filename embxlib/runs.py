@@ -631,7 +631,8 @@ def run_settings(paths) -> pd.DataFrame:
     """One row per embxlib run folder among paths (as load_runs expands them): source, the config.json fields,
     and the code it ran: commit (from log.txt's header) and dirty (the checkout had uncommitted changes, kept in
     the folder's git.diff); and where: platform (Python's platform string, whose kernel build tells two machines
-    of this workplace apart) and cpu (the CPU model, for runs whose header names it, else None). What a post states about how its runs were made comes from here."""
+    of this workplace apart) and cpu (the CPU model, for runs whose header names it, else None). What a post
+    states about how its runs were made comes from here."""
     rows = []
     for path in _expand(paths):
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -657,14 +658,13 @@ def rerun_match(run, rerun) -> pd.DataFrame:
     Raises ValueError naming the fields when the two configs differ in more than their labels; a field one
     config.json lacks (added to Config after that run was made) counts as its Config default, which is how the
     run trained."""
-    from .config import Config
+    from .config import differing_fields
     a, b = (Path(from_root(p)) for p in (run, rerun))
-    defaults = json.loads(json.dumps(Config().to_dict()))
-    ca, cb = ({**defaults, **_read_json_file(p / "config.json")} for p in (a, b))
-    differ = sorted(k for k in set(ca) | set(cb) if k not in RERUN_LABELS and ca.get(k) != cb.get(k))
+    differ = sorted(d for d in differing_fields(*(_read_json_file(p / "config.json") for p in (a, b)))
+                    if d[0] not in RERUN_LABELS)
     if differ:
         raise ValueError(f"{b} is not a rerun of {a}: their configs differ in "
-                         + ", ".join(f"{k} ({ca.get(k)!r} vs {cb.get(k)!r})" for k in differ))
+                         + ", ".join(f"{k} ({va!r} vs {vb!r})" for k, va, vb in differ))
     va, vb = (parse_run_folder(p, with_lambdas=False)[0][["step", "val_loss", "train_time_s"]] for p in (a, b))
     out = va.merge(vb, on="step", how="outer", suffixes=("_run", "_rerun")).sort_values("step", ignore_index=True)
     out["diff"] = out["val_loss_rerun"] - out["val_loss_run"]

@@ -509,15 +509,16 @@ def clock_stalls(df: pd.DataFrame, factor: float = 1.5) -> pd.DataFrame:
         g = g[np.isfinite(g["train_time_s"].to_numpy(dtype=float))]
         steps, t = g["step"].to_numpy(dtype=float), g["train_time_s"].to_numpy(dtype=float)
         rate = 1000 * np.diff(t) / np.diff(steps)
-        worst = int(np.argmax(rate)) if len(rate) else 0
-        median = float(np.median(rate)) if len(rate) else float("nan")
-        ratio = float(rate[worst] / median) if len(rate) and median > 0 else float("nan")
-        rows.append({"run": run, "variant": g["variant"].iloc[0],
-                     **({"source": g["source"].iloc[0]} if "source" in g else {}),
-                     "median_ms_per_step": median, "worst_ms_per_step": float(rate[worst]) if len(rate) else float("nan"),
-                     "worst_from_step": int(steps[worst]) if len(rate) else None,
-                     "worst_to_step": int(steps[worst + 1]) if len(rate) else None,
-                     "ratio": ratio, "stalled": bool(len(rate) >= 3 and ratio > factor)})
+        row = {"run": run, "variant": g["variant"].iloc[0], **({"source": g["source"].iloc[0]} if "source" in g else {}),
+               "median_ms_per_step": float("nan"), "worst_ms_per_step": float("nan"), "worst_from_step": None,
+               "worst_to_step": None, "ratio": float("nan"), "stalled": False}
+        if len(rate):
+            worst, median = int(np.argmax(rate)), float(np.median(rate))
+            ratio = float(rate[worst] / median) if median > 0 else float("nan")
+            row.update(median_ms_per_step=median, worst_ms_per_step=float(rate[worst]),
+                       worst_from_step=int(steps[worst]), worst_to_step=int(steps[worst + 1]), ratio=ratio,
+                       stalled=bool(len(rate) >= 3 and ratio > factor))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
-from .config import Config, add_config_args, config_from_args, cpu_bf16_matmul  # noqa: E402
+from .config import Config, add_config_args, config_differences, config_from_args, cpu_bf16_matmul  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers  # noqa: E402
@@ -121,19 +121,6 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
     except ValueError as e:  # one line naming the field, not the whole usage text
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     return args, cfg
-
-
-def config_differences(found: dict, wanted: dict, found_as: str = "in the folder",
-                       wanted_as: str = "requested") -> list[str]:
-    """'field A <found_as>, B <wanted_as>' for every Config field whose values differ (lists and tuples alike)."""
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-    missing = "(missing)"
-    # a field added since a config was written has its default there: that run trained as the default says
-    defaults = {k: f.default for k, f in Config.__dataclass_fields__.items()}
-    found, wanted = {**defaults, **found}, {**defaults, **wanted}
-    return [f"{k} {found.get(k, missing)!r} {found_as}, {wanted.get(k, missing)!r} {wanted_as}"
-            for k in Config.__dataclass_fields__ if norm(wanted.get(k, missing)) != norm(found.get(k, missing))]
 
 
 def peek_checkpoint(path: Path) -> dict | None:

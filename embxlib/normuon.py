@@ -110,15 +110,28 @@ def normuon_groups(params: list[LabelledParam], world_size: int, custom_sizing: 
             for cut in cuts]
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """fn compiled as upstream compiles its three NorMuon helpers (dynamic=False, fullgraph=True), on first use
+    (importing embxlib must not start inductor). Inductor keeps bf16 intermediates in fp32 inside a fused kernel, so
+    compiled and eager differ by bf16 roundings; compiled, they equal upstream's compiled helpers."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn]
+
+
 class NorMuon(torch.optim.Optimizer):
     """Record 18's NorMuon (upstream's defaults: lr 0.015, momentum 0.95, beta2 0.95, weight decay 1.2 in the record).
     params: LabelledParams; labels 'attn' (stacked q/k/v/o: (4*dim, dim), orthogonalised as four matrices), 'mlp'
     (orthogonalised with the split matmul-then-add), and gates (a label containing 'gate': second moment along the
-    last dim). rank and world_size as the process group's (no collective in one process)."""
+    last dim). rank and world_size as the process group's (no collective in one process). compile=True runs
+    polar_express, variance_rescale and cautious_step compiled, as upstream runs them (the GPU path)."""
 
     def __init__(self, params, lr=0.02, weight_decay=0.01, momentum=0.95, beta2=0.95, custom_sizing=True,
-                 rank: int = 0, world_size: int = 1):
-        self.rank, self.world_size = rank, world_size
+                 rank: int = 0, world_size: int = 1, compile: bool = False):
+        self.rank, self.world_size, self.compile = rank, world_size, compile
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2)
         super().__init__(normuon_groups(params, world_size, custom_sizing), defaults)
 
@@ -193,14 +206,15 @@ class NorMuon(torch.optim.Optimizer):
             group["param_wd_cpu"] = torch.tensor(group["wd_muls"], dtype=torch.float32)
         lr_all = group["param_lr_cpu"] * group["lr"]
         wd_all = group["param_wd_cpu"] * group["weight_decay"] * group["lr"]
-        v = g if n == 0 else polar_express(g, split_baddbmm=label == "mlp")
+        fn = compiled if self.compile else (lambda f: f)
+        v = g if n == 0 else fn(polar_express)(g, split_baddbmm=label == "mlp")
         red_dim = -1 if (is_gate or wide_rows) else -2
-        v = variance_rescale(v, group["second_momentum_buffer"], group["beta2"], red_dim).view(grad_shape)
+        v = fn(variance_rescale)(v, group["second_momentum_buffer"], group["beta2"], red_dim).view(grad_shape)
         updated = torch.empty_like(grad_chunk)
         if n > 0:
             chunk = torch.stack(params[first:first + n])
             for i in range(n):
-                cautious_step(chunk[i], v[i], wd_all[first + i], lr_all[first + i])
+                fn(cautious_step)(chunk[i], v[i], wd_all[first + i], lr_all[first + i])
             updated[:n].copy_(chunk)
         updated[n:].zero_()
         return updated

@@ -551,7 +551,8 @@ def grads_for(params, seed, scale=1.0):
 
 def assert_equal(a, b, what):
     assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
-    assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b), what
+    bits = lambda t: t.contiguous().view(-1).view(torch.uint8) if t.numel() else t  # (bits: NaNs and -0.0 too)
+    assert torch.equal(bits(a), bits(b)), what
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -699,3 +700,32 @@ def test_custom_grouping_at_eight_ranks():
            [[index[id(p)] for p in g["params"]] for g in my_groups]
     assert [g["chunk_size"] for g in up_groups] == [g["chunk_size"] for g in my_groups] == [2] * 5
     assert [len(g["params"]) for g in my_groups] == list(CUSTOM_SIZES)
+
+
+@pytest.mark.slow
+def test_compiled_pieces_equal_upstreams_compiled():
+    """NorMuon(compile=True)'s three compiled pieces against upstream's helpers compiled as upstream compiles them
+    (dynamic=False, fullgraph=True), bit for bit: inductor fuses both the same way. (Compiled differs from eager by
+    bf16 roundings inside fused kernels: shown too.) One gate-shaped and one MLP-shaped (tall, split) matrix batch."""
+    from embxlib.normuon import cautious_step, compiled, polar_express as our_pe, variance_rescale
+    opts = dict(dynamic=False, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    for shape, dtype, split in [((2, 4, 16), torch.bfloat16, False), ((2, 64, 16), torch.float32, True)]:
+        g = torch.randn(shape, generator=gen).to(dtype)
+        v_up = torch.compile(polar_express, **opts)(g, split_baddbmm=split)
+        v_me = compiled(our_pe)(g, split_baddbmm=split)
+        assert_equal(v_me, v_up, f"polar_express {shape}")
+        red_dim = -1 if split or dtype == torch.bfloat16 else -2
+        buf_up = torch.rand(v_up[..., :, :1].shape, generator=gen).to(dtype)
+        buf_me = buf_up.clone()
+        out_up = torch.compile(apply_normuon_variance_reduction, **opts)(v_up.clone(), buf_up, 0.95, red_dim)
+        out_me = compiled(variance_rescale)(v_me.clone(), buf_me, 0.95, red_dim)
+        assert_equal(out_me, out_up, f"variance rescale {shape}")
+        assert_equal(buf_me, buf_up, f"second moment {shape}")
+        p = torch.randn(shape[1:], generator=gen).to(dtype)
+        p_up, p_me = p.clone(), p.clone()
+        wd, lr = torch.tensor(1.2 * 0.015, dtype=torch.float32), torch.tensor(0.03, dtype=torch.float32)
+        torch.compile(cautious_wd_and_update_inplace, **opts)(p_up, out_up[0], wd, lr)
+        compiled(cautious_step)(p_me, out_me[0], wd, lr)
+        assert_equal(p_me, p_up, f"cautious step {shape}")
+    assert not torch.equal(v_up, polar_express(g, split_baddbmm=split))  # compiled is not eager: the test can tell

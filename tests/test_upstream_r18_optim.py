@@ -12,7 +12,7 @@ and wd) after two steps with momentum and lr changing; DistAdam's parameters and
 steps accumulate, the odd ones step; the tied head's state copied into the embedding at step 1, as at the split).
 Also bit for bit: the same run at 1 rank and at 2/4 ranks (gradients equal on every rank, so that the AVG is exact).
 """
-import math
+import math  # (upstream's module imports, for the transcription)
 import os
 import socket
 from collections import defaultdict
@@ -588,8 +588,10 @@ def adam_run(rank, world, same_grads):
     hooks armed before the last micro-step of an odd step; the embedding (unused while tied) gets gradients only
     after the split, which copies the head's weights and state into it after step 1's optimiser step."""
     out = []
-    for spec, labels, kw in [(adam_spec(), ADAM_LABELS, dict(lr=0.004, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.005)),
-                             (SCALAR_SPEC, ['scalars'], dict(lr=0.008, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.005))]:
+    # (upstream's two DistAdams: TrainingManager's adam_opt and scalar_opt)
+    adam_kw = dict(lr=0.004, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.005)
+    scalar_kw = dict(lr=0.008, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.005)
+    for spec, labels, kw in [(adam_spec(), ADAM_LABELS, adam_kw), (SCALAR_SPEC, ['scalars'], scalar_kw)]:
         theirs, ours = make_params(spec, seed=1)
         up = UpstreamDistAdam(theirs, labels, **kw)
         me = DistAdam(ours, labels, **kw, rank=rank, world_size=world)

@@ -162,5 +162,5 @@ def test_split_step_yarn_and_odd_adam_steps():
 def test_a_narrowed_schedule_scales():
     s = r18.R18Schedule(num_scheduled_iterations=120, num_extension_iterations=4)
     assert s.num_iterations == 124
-    assert [r18.batch_tokens(i, s) for i in (0, 10, 20, 30, 119, 120)] == [131072, 262144, 393216, 524288] + [524288] * 2
+    assert [r18.batch_tokens(i, s) for i in (0, 10, 20, 30, 119, 120)] == [131072, 262144, 393216] + [524288] * 3
     assert r18.split_step(s) == 21 and r18.yarn_rescales(s)[0] == (10, 3, 7)

@@ -244,7 +244,8 @@ class Explorer:
         variants = sorted({l["variant"] for l in visible}, key=list(self.variant_boxes).index)
         (x0, x1), (y0, y1) = self.ax.get_xlim(), self.ax.get_ylim()
         self.status.value = (f"<span class='embx-status'>shown: {len(visible)} curves of "
-                             f"{len({l['run'] for l in visible})} runs, variants {', '.join(map(str, variants)) or 'none'}; "
+                             f"{len({l['run'] for l in visible})} runs, variants "
+                             f"{html.escape(', '.join(map(str, variants))) or 'none'}; "
                              f"x {x0:.6g} to {x1:.6g}, y {y0:.4f} to {y1:.4f}</span>")
 
     def draw(self) -> None:
@@ -381,7 +382,7 @@ class LiveView(Explorer):
 
     def _state(self) -> dict:
         folders = [f for f in _run_folders(self.paths) if (f / "config.json").is_file()]
-        status = {f.name: (read_json(f / "summary.json") or {}).get("status", "starting") for f in folders}
+        status = {f.name: str((read_json(f / "summary.json") or {}).get("status", "starting")) for f in folders}
         locked = any(_held(Path(runs.from_root(p)), SWEEP_LOCK) for p in self.paths if Path(runs.from_root(p)).is_dir())
         locked = locked or any(_held(f, RUN_LOCK) for f in folders)
         return dict(status=status, locked=locked, done=bool(status) and not locked
@@ -417,7 +418,7 @@ class LiveView(Explorer):
         counts: dict[str, int] = {}
         for s in state["status"].values():
             counts[s] = counts.get(s, 0) + 1
-        runs_text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no run folder yet"
+        runs_text = html.escape(", ".join(f"{n} {s}" for s, n in counts.items())) or "no run folder yet"
         end = "ended" if self.ended.is_set() else f"watching every {self.every:g} s"
         self.status.value += f"<br><span class='embx-live'>live view: {runs_text}; {end}</span>"
 

@@ -168,7 +168,8 @@ class Explorer:
         return "step" if self.x_axis.value == "step" else "time"
 
     def _x_range(self) -> tuple[float, float]:
-        xs = [line[self._x_name()] for line in self.lines if len(line[self._x_name()])]
+        xs = [x[np.isfinite(x)] for x in (line[self._x_name()] for line in self.lines)]  # (runs.load_runs warns)
+        xs = [x for x in xs if len(x)]
         if not xs:
             return 0.0, 1.0
         lo, hi = float(min(x.min() for x in xs)), float(max(x.max() for x in xs))

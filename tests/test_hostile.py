@@ -73,3 +73,107 @@ def test_post_tables_and_sentences_escape_names():
     assert all(line.count("|") - line.count("\\|") == 8 for line in table.splitlines())
     assert blog.md_text("x01-ve2") == "x01-ve2" and blog.md_text("a_b") == "a_b"  # the posts' names are unchanged
 
+
+# --- readers: regular files inside the folder, lines named by number, never echoed ----------------------------
+
+def _load_in_thread(paths, timeout=60):
+    import threading
+    import warnings
+    out = {}
+
+    def load():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["val"] = runs.load_runs(paths, require=False)
+        out["warnings"] = [str(w.message) for w in caught]
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return out, thread
+
+
+def test_a_fifo_among_the_logs_is_named_and_not_read(tmp_path):
+    import os
+    top = tmp_path / "runs"
+    shutil.copytree(RUN, top / "a_run", ignore=shutil.ignore_patterns("notebook.ipynb", "loss.png", "console.log"))
+    (top / "notes").mkdir()
+    fifo = top / "notes" / "x.txt"
+    os.mkfifo(fifo)
+    try:
+        out, thread = _load_in_thread([top])
+        assert not thread.is_alive(), "load_runs hangs on a FIFO"
+    finally:  # free a reader blocked in open() (today's code), then the FIFO
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        thread.join(10)
+    assert out["val"]["run"].unique().tolist() == ["a_run"]
+    assert any("x.txt: not a regular file, not read" in w for w in out["warnings"]), out["warnings"]
+
+
+def test_a_metrics_file_symlinked_out_of_its_folder_is_not_read_nor_echoed(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-TOKEN-1234\n")
+    run = tmp_path / "runs" / "a_run"
+    shutil.copytree(RUN, run, ignore=shutil.ignore_patterns("notebook.ipynb", "loss.png", "console.log"))
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(secret)
+    (run / "log.txt").unlink()
+    (run / "log.txt").symlink_to(secret)
+    out, _ = _load_in_thread([tmp_path / "runs"])
+    assert not any("SECRET" in w for w in out["warnings"]), out["warnings"]
+    assert any("metrics.jsonl: a symlink out of its folder, not read" in w for w in out["warnings"]), out["warnings"]
+    assert out["val"].empty
+    # a log given by name, symlinked out of its folder: the same
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "up.txt").symlink_to(secret)
+    out, _ = _load_in_thread([tmp_path / "logs" / "up.txt"])
+    assert out["val"].empty and any("up.txt: a symlink out of its folder" in w for w in out["warnings"])
+    assert not any("SECRET" in w for w in out["warnings"])
+    # a symlink inside its folder is followed
+    (run / "metrics.jsonl").unlink()
+    (run / "real.jsonl").write_text((RUN / "metrics.jsonl").read_text())
+    (run / "metrics.jsonl").symlink_to("real.jsonl")
+    out, _ = _load_in_thread([run])
+    assert len(out["val"]) == len(runs.load_runs([RUN]))
+
+
+def test_malformed_lines_are_named_by_file_and_line_never_by_content(tmp_path):
+    log = tmp_path / "up" / "log1.txt"
+    log.parent.mkdir()
+    log.write_text("step:0/10 val_loss:5.0000 train_time:0ms step_avg:0.00ms\n"
+                   "step:5/10 val_loss:SECRET1 train_time:10ms step_avg:2.00ms\n"
+                   "step:6/10 val_loss:4.0 train_time:SECRET2 step_avg:2.00ms\n"
+                   "step:10/10 val_loss:3.0000 train_time:20ms step_avg:2.00ms\n")
+    run = tmp_path / "a_run"
+    shutil.copytree(RUN, run, ignore=shutil.ignore_patterns("notebook.ipynb", "loss.png", "console.log"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = '{"step": 1, "val_loss": "SECRET3", "train_time_ms": 1}'
+    lines[2] = "SECRET4 not json"
+    lines[3] = '{"step": 1.5, "val_loss": 1, "train_time_ms": 1, "SECRET5": 1}'
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out, _ = _load_in_thread([log, run])
+    text = "\n".join(out["warnings"])
+    assert "SECRET" not in text, text
+    for where in (f"{log}:2:", f"{log}:3:", f"{run / 'metrics.jsonl'}:2:", f"{run / 'metrics.jsonl'}:3:",
+                  f"{run / 'metrics.jsonl'}:4:"):
+        assert where in text, (where, text)
+
+
+def test_a_non_finite_training_time_is_warned_about_and_left_out_of_the_time_axis(tmp_path):
+    import warnings
+    run = tmp_path / "a_run"
+    shutil.copytree(RUN, run, ignore=shutil.ignore_patterns("notebook.ipynb", "loss.png", "console.log"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[2])
+    lines[2] = lines[2].replace(f'"train_time_ms": {json.dumps(record["train_time_ms"])}', '"train_time_ms": Infinity')
+    assert "Infinity" in lines[2]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        val = runs.load_runs([run])
+    assert any("non-finite train_time" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    ex = explore.explore(val, x="train_time_s")  # raised "Axis limits cannot be NaN or Inf"
+    lo, hi = ex.window.min, ex.window.max
+    assert 0 <= lo < hi < float("inf") and ex.ax.get_xlim() == (lo, hi)

@@ -177,3 +177,60 @@ def test_a_non_finite_training_time_is_warned_about_and_left_out_of_the_time_axi
     ex = explore.explore(val, x="train_time_s")  # raised "Axis limits cannot be NaN or Inf"
     lo, hi = ex.window.min, ex.window.max
     assert 0 <= lo < hi < float("inf") and ex.ax.get_xlim() == (lo, hi)
+
+
+# --- YAML: no aliases, no key twice, every error names its file --------------------------------------------------
+
+BOMB = "".join(f"{k}: &{k} [" + ",".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
+               for p, k in zip([None, *"abcdefgh"], "abcdefghi"))  # 9**9 strings once expanded, in ~340 bytes
+
+
+def test_a_yaml_alias_bomb_is_refused_naming_the_file_as_config_and_as_sweep(tmp_path):
+    from embxlib import config, launch
+    assert len(BOMB) < 400
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    with pytest.raises(ValueError, match=rf"^config file {path}: not valid YAML: an alias \(\*a\): aliases are not "
+                                         r"allowed here \(line 2, column \d+\)"):
+        config.load_config_file(path)
+    with pytest.raises(ValueError, match=rf"^sweep file {path}: not valid YAML: an alias"):
+        launch.sweep_file_and_yaml(str(path), None, None)
+    with pytest.raises(ValueError, match=r"^sweep YAML \(-y\): not valid YAML: an alias"):
+        launch.sweep_file_and_yaml(None, BOMB, None)
+    with pytest.raises(ValueError, match=r"larger than"):
+        config.load_yaml("a: 1\n" * (config.YAML_MAX_BYTES // 4), "x")
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_and_line(tmp_path):
+    from embxlib import config, launch
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny\nseed: 1\nseed: 2\n")
+    with pytest.raises(ValueError, match=rf"^config file {path}: not valid YAML: the key 'seed' twice \(line 3, "):
+        config.load_config_file(path)
+    path = tmp_path / "c.json"
+    path.write_text('{"preset": "tiny", "seed": 1, "seed": 2}')
+    with pytest.raises(ValueError, match=rf"^config file {path}: not valid JSON: the key 'seed' twice"):
+        config.load_config_file(path)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("grid: {extra_embeds: [0, 1]}\nseeds: [0]\ngrid: {extra_embeds: [2]}\n")
+    with pytest.raises(ValueError, match=rf"^sweep file {sweep}: not valid YAML: the key 'grid' twice \(line 3, "):
+        launch.sweep_file_and_yaml(str(sweep), None, None)
+    with pytest.raises(ValueError, match=r"^sweep YAML \(-y\): not valid YAML: the key 'seeds' twice"):
+        launch.sweep_file_and_yaml(None, "{seeds: [0], seeds: [1]}", None)
+
+
+def test_every_yaml_error_names_its_file(tmp_path):
+    from embxlib import config, launch
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("grid: {extra_embeds: [0, 1]\nseeds: [0]\n")
+    with pytest.raises(ValueError, match=rf"^sweep file {sweep}: not valid YAML: .*\(line \d+, column \d+\)"):
+        launch.sweep_file_and_yaml(str(sweep), None, None)
+    with pytest.raises(ValueError, match=r"^sweep YAML \(-y\): not valid YAML: "):
+        launch.sweep_file_and_yaml(None, "{grid: [", None)
+    path = tmp_path / "c.yml"
+    path.write_text("seed: [1\n")
+    with pytest.raises(ValueError, match=rf"^config file {path}: not valid YAML: .*\(line \d+, column \d+\)"):
+        config.load_config_file(path)
+    # what stays allowed: the files we write, and anchors without aliases
+    assert config.load_yaml("grid: &g {extra_embeds: [0, 1]}\nseeds: [0, 1]\n", "x") == {
+        "grid": {"extra_embeds": [0, 1]}, "seeds": [0, 1]}

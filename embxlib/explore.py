@@ -15,7 +15,8 @@ differ between seeds at tiny scale, so no mean is drawn over them) at the step t
 
 LiveView: an Explorer whose tables are re-read from the run folders every `every` seconds by a background thread
 (the kernel stays free, also while another cell trains), drawn as lines are written, stopping by itself when every
-run found has ended (summary.json finished, failed or stopped) and no launcher or sweep holds a lock. Its figure is
+run found has ended (summary.json finished, failed or stopped, or its run.lock names a process of this machine that
+is gone: "running, its process is gone") and no launcher or sweep holds a lock. Its figure is
 an Image widget the thread fills (no mouse readout there; `plots.explore` on the finished runs has it).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import plots, runs
-from .runfolder import RUN_LOCK, SWEEP_LOCK, lock_info, process_alive, read_json
+from .runfolder import RUN_LOCK, SWEEP_LOCK, lock_info, process_alive
 from .stats import is_mixing_stream
 
 X_AXES = {"step": "step", "time": "train_time_s"}
@@ -348,6 +349,18 @@ def _held(folder: Path, name: str) -> bool:
     return bool(info.get("pid")) and process_alive(info["pid"])
 
 
+GONE = "its process is gone"
+
+
+def _holder_gone(folder: Path) -> bool:
+    """The run's lock names a process of this machine that no longer runs: a trainer killed (SIGKILL, the OOM
+    killer) before it could record its end. A lock of another machine (a SLURM node) cannot be checked from here."""
+    import socket
+    info = lock_info(folder, RUN_LOCK) if (folder / RUN_LOCK).is_file() else {}
+    return (bool(info.get("pid")) and info.get("host", socket.gethostname()) == socket.gethostname()
+            and not process_alive(info["pid"]))
+
+
 class LiveView(Explorer):
     """An Explorer over run folders that re-reads them every `every` seconds in a background thread; see
     the module docstring. stop() ends it early; join() waits for it to end; `ended` tells whether it has."""
@@ -383,11 +396,17 @@ class LiveView(Explorer):
 
     def _state(self) -> dict:
         folders = [f for f in _run_folders(self.paths) if (f / "config.json").is_file()]
-        status = {f.name: str((read_json(f / "summary.json") or {}).get("status", "starting")) for f in folders}
+        status = {}
+        for f in folders:
+            summary = runs.read_json_file(f / "summary.json") if (f / "summary.json").exists() else {}
+            status[f.name] = str(summary.get("status", "starting"))
+            if status[f.name] not in ENDED and _holder_gone(f):
+                status[f.name] += ", " + GONE  # it ends here, as a run that stopped
+
         locked = any(_held(Path(runs.from_root(p)), SWEEP_LOCK) for p in self.paths if Path(runs.from_root(p)).is_dir())
         locked = locked or any(_held(f, RUN_LOCK) for f in folders)
         return dict(status=status, locked=locked, done=bool(status) and not locked
-                    and all(s in ENDED for s in status.values()))
+                    and all(s in ENDED or s.endswith(GONE) for s in status.values()))
 
     def _loop(self) -> None:
         runs._QUIET.on = True  # this thread only: runs being written give missing files and torn lines

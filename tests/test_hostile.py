@@ -234,3 +234,62 @@ def test_every_yaml_error_names_its_file(tmp_path):
     # what stays allowed: the files we write, and anchors without aliases
     assert config.load_yaml("grid: &g {extra_embeds: [0, 1]}\nseeds: [0, 1]\n", "x") == {
         "grid": {"extra_embeds": [0, 1]}, "seeds": [0, 1]}
+
+
+# --- the live view ends a run whose trainer is gone ---------------------------------------------------------------
+
+def _lock(run: Path, pid: int) -> None:
+    import socket
+    (run / "run.lock").write_text(json.dumps(dict(pid=pid, host=socket.gethostname(), since="2026-12-08T00:00:00",
+                                                  cmd="python -m embxlib.train")))
+
+
+def test_the_live_view_ends_a_run_whose_lock_holder_is_gone(tmp_path):
+    import subprocess
+    import sys
+    run = hostile_run(tmp_path, name="x01", status="running")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # ended and reaped: its pid names no process
+    _lock(run, dead.pid)
+    view = explore.watch(run, every=0.1)
+    try:
+        assert view.join(timeout=15), "the live view kept watching a run whose trainer is gone"
+    finally:
+        view.stop()
+    assert view.state["status"] == {"hostile": "running, its process is gone"}
+    assert "1 running, its process is gone; ended" in view.status.value
+
+
+def test_the_live_view_keeps_watching_a_run_whose_lock_holder_runs(tmp_path):
+    import os
+    run = hostile_run(tmp_path, name="x01", status="running")
+    _lock(run, os.getpid())
+    view = explore.watch(run, every=0.1)
+    try:
+        assert not view.join(timeout=1)
+        assert view.state["status"] == {"hostile": "running"}
+    finally:
+        view.stop()
+
+
+def test_the_live_view_reads_no_fifo(tmp_path):
+    import os
+    import threading
+    run = hostile_run(tmp_path, name="x01", status="finished")
+    (run / "summary.json").unlink()
+    os.mkfifo(run / "summary.json")
+    views = []
+    thread = threading.Thread(target=lambda: views.append(explore.watch(run, every=0.1, timeout=1)), daemon=True)
+    thread.start()
+    try:
+        thread.join(15)
+        assert views and views[0].join(timeout=15), "the live view blocks on a FIFO"
+    finally:
+        for view in views:
+            view.stop()
+        for _ in range(3):  # free a reader blocked in open() (today's code)
+            try:
+                os.close(os.open(run / "summary.json", os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            thread.join(2)

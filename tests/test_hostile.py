@@ -293,3 +293,27 @@ def test_the_live_view_reads_no_fifo(tmp_path):
             except OSError:
                 pass
             thread.join(2)
+
+
+# --- the lab's pre-save hook ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("on_disk", ["[]", '{"cells": [], "metadata": "not a dict", "nbformat": 4}', '{"cells": [',
+                                     '"a string"', '{"metadata": [1, 2]}'])
+def test_the_save_hook_strips_outputs_whatever_the_file_on_disk_holds(tmp_path, on_disk):
+    import nbformat
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    (tmp_path / "nbs").mkdir()
+    nb = nbformat.read(ROOT / "nbs" / "analyze_runs.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [nbformat.v4.new_output("stream", text="SECRET-OUTPUT\n")]
+            cell.execution_count = 3
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    (tmp_path / "nbs" / "analyze_runs.ipynb").write_text(on_disk)
+    cm = FileContentsManager(root_dir=str(tmp_path), pre_save_hook="embxlib.lab.keep_output_free")
+    cm.save({"type": "notebook", "format": "json", "content": nb}, "nbs/analyze_runs.ipynb")
+    saved = (tmp_path / "nbs" / "analyze_runs.ipynb").read_text()
+    assert "SECRET-OUTPUT" not in saved and '"widgets"' not in saved
+    again = nbformat.reads(saved, as_version=4)
+    assert again.metadata["kernelspec"] == nb.metadata["kernelspec"]
+    cm.save({"type": "notebook", "format": "json", "content": again}, "nbs/analyze_runs.ipynb")  # the next save too

@@ -809,6 +809,8 @@ def top_predictions(preds: dict, component: str, position: int) -> list[str]:
 
 
 def logit_lens_markdown(table: pd.DataFrame) -> str:
-    """The table as GitHub markdown, tokens shown as Python literals so that newlines and spaces stay visible."""
-    shown = table.map(lambda t: repr(t).replace("|", "\\|"))
+    """The table as GitHub markdown, tokens shown as Python literals so that newlines and spaces stay visible, and as
+    text: a token's HTML is escaped (markdown passes raw HTML through), as is what would end a cell or start code."""
+    import html
+    shown = table.map(lambda t: html.escape(repr(t), quote=False).replace("|", "\\|").replace("`", "\\`"))
     return shown.to_markdown()

@@ -317,3 +317,10 @@ def test_the_save_hook_strips_outputs_whatever_the_file_on_disk_holds(tmp_path, 
     again = nbformat.reads(saved, as_version=4)
     assert again.metadata["kernelspec"] == nb.metadata["kernelspec"]
     cm.save({"type": "notebook", "format": "json", "content": again}, "nbs/analyze_runs.ipynb")  # the next save too
+
+
+def test_logit_lens_markdown_shows_a_token_s_html_as_text():
+    preds = {"tokens": {0: XSS, 1: "a|b"}, "predictions": {"x00": {0: {0.9: "<b>", 0.1: "c"}, 1: {0.5: "`x`"}}}}
+    md = runs.logit_lens_markdown(runs.logit_lens_table(preds, components=["x00"]))
+    assert "<img" not in md and "<b>" not in md and "&lt;img" in md and "&lt;b&gt;" in md
+    assert "a\\|b" in md and "\\`x\\`" in md

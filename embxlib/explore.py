@@ -61,6 +61,12 @@ def _ready(canvas) -> None:
         canvas._repr_mimebundle_()
 
 
+def _plain(name) -> str:
+    """A name from a run folder as literal text in a matplotlib label: a `$` would start mathtext (a name such as
+    `$\\foo$` made drawing raise)."""
+    return str(name).replace("$", "\\$")
+
+
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
     """Exponential moving average with TensorBoard's debiasing: weight 0 is the raw curve, 0.9 a strong smoothing;
     NaN values are skipped."""
@@ -235,7 +241,7 @@ class Explorer:
         shown = [v for v, box in self.variant_boxes.items() if box.value]
         counts = {v: len({l["run"] for l in self.lines if l["variant"] == v}) for v in shown}
         handles = [Line2D([], [], color=self.colors[v]) for v in shown]
-        labels = [f"{v} ({counts[v]} run{'s' if counts[v] != 1 else ''})" for v in shown]
+        labels = [f"{_plain(v)} ({counts[v]} run{'s' if counts[v] != 1 else ''})" for v in shown]
         if self.ax.get_legend() is not None:
             self.ax.get_legend().remove()
         if handles:
@@ -326,7 +332,7 @@ class LambdaView:
         data = self.lam[(self.lam["variant"] == self.variant.value) & (self.lam["step"] <= self.step.value)]
         last = data.groupby("run")["step"].transform("max")
         plots.plot_layer_lambdas_runs(data[data["step"] == last], ax=self.ax,
-                                      title=f"{self.variant.value}: lambdas per layer at step {self.step.value}, "
+                                      title=f"{_plain(self.variant.value)}: lambdas per layer at step {self.step.value}, "
                                             f"one line per run ({data['run'].nunique()} runs)")
         self.fig.canvas.draw()
 
@@ -377,8 +383,8 @@ class LiveView(Explorer):
             tables = self._read()
         finally:
             runs._QUIET.on = False
-        super().__init__(*tables, x=x, smoothing=smoothing, title=title or "live: " + ", ".join(
-            map(str, self.paths)))
+        super().__init__(*tables, x=x, smoothing=smoothing, title=title or "live: " + _plain(", ".join(
+            map(str, self.paths))))
         runs._QUIET.on = True
         try:
             self.state = self._state()

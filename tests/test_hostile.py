@@ -324,3 +324,10 @@ def test_logit_lens_markdown_shows_a_token_s_html_as_text():
     md = runs.logit_lens_markdown(runs.logit_lens_table(preds, components=["x00"]))
     assert "<img" not in md and "<b>" not in md and "&lt;img" in md and "&lt;b&gt;" in md
     assert "a\\|b" in md and "\\`x\\`" in md
+
+
+def test_a_name_with_dollar_signs_is_drawn_as_text_not_mathtext(tmp_path):
+    run = hostile_run(tmp_path, name=r"$\undefinedcmd$ costs $5", status="finished")
+    ex = explore.explore(runs.load_runs([run]))  # raised ParseFatalException: Unknown symbol
+    ex.fig.canvas.draw()
+    assert ex.ax.get_legend().get_texts()[0].get_text().startswith(r"\$\undefinedcmd\$")

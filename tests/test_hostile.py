@@ -331,3 +331,13 @@ def test_a_name_with_dollar_signs_is_drawn_as_text_not_mathtext(tmp_path):
     ex = explore.explore(runs.load_runs([run]))  # raised ParseFatalException: Unknown symbol
     ex.fig.canvas.draw()
     assert ex.ax.get_legend().get_texts()[0].get_text().startswith(r"\$\undefinedcmd\$")
+
+
+def test_a_non_finite_training_time_is_left_out_of_the_post_and_analysis_ranges():
+    from embxlib import analysis
+    val = pd.DataFrame({"run": ["a", "a", "a", "b", "b"], "variant": "v", "step": [0, 5, 10, 0, 10],
+                        "train_time_s": [0.0, float("inf"), 21.0, 0.0, float("nan")],
+                        "val_loss": [3.0, 2.0, 1.0, 3.0, 1.0], "source": "s"})
+    assert blog.data_end(val) == 30  # int(inf) raised OverflowError
+    assert analysis.last_quarter(val, "train_time_s") == [0, 0]
+    assert analysis.last_quarter(val[val["run"] == "a"], "train_time_s") == [15, 21]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import html
 import math
 import sys
 import time
@@ -58,6 +59,16 @@ def figure(fig, slug: str, name: str, alt: str = "", root=None):
     return Markdown(f"![{alt or name[:-4]}](../../images/{slug}/{name})")
 
 
+def md_text(value) -> str:
+    """A name from a run folder, a log or a sweep file (a variant, a run, a label) as literal text in a post's
+    markdown: HTML escaped (markdown passes raw HTML through), and the characters that would start a link, code or
+    a table cell escaped. The names our runs use (x01-ve2, extra_embeds1_s0) come out unchanged."""
+    text = html.escape(str(value), quote=False)
+    for c in "\\`[]|":
+        text = text.replace(c, "\\" + c)
+    return text
+
+
 def span(numbers) -> str:
     """Integers as ranges for a sentence: [2, 3, 4, 5, 8, 14, 15] -> '2-5, 8 and 14-15'."""
     groups: list[list[int]] = []
@@ -73,12 +84,13 @@ def span(numbers) -> str:
 def runs_per_variant(val) -> str:
     """'x00: 2 runs, x01: 5 runs, x03: 1 run': how many runs each variant of a validation table averages."""
     counts = val.groupby("variant", sort=False)["run"].nunique()
-    return ", ".join(f"{v}: {n} run{'s' if n != 1 else ''}" for v, n in counts.items())
+    return ", ".join(f"{md_text(v)}: {n} run{'s' if n != 1 else ''}" for v, n in counts.items())
 
 
 def data_end(val, x: str = "train_time_s", step: int = 10) -> int:
     """The end of the data in x, rounded up to a multiple of step: the right edge of a zoom that shows it all."""
-    return int(math.ceil(float(val[x].max()) / step) * step)
+    values = val[x].astype(float)
+    return int(math.ceil(float(values[values.abs() != float("inf")].max()) / step) * step)  # (a non-finite clock: left out)
 
 
 def final_table(final) -> str:
@@ -92,7 +104,7 @@ def final_table(final) -> str:
             "| p, Welch one-sided (variant < baseline) |")
     lines = [head, "|:--|--:|--:|--:|--:|--:|--:|"]
     for r in final.itertuples():
-        lines.append(f"| {r.variant} | {r.n} | {r.loss_mean:.4f} | {r.loss_std:.4f} | {r.time_s_mean:.1f} | "
+        lines.append(f"| {md_text(r.variant)} | {r.n} | {r.loss_mean:.4f} | {r.loss_std:.4f} | {r.time_s_mean:.1f} | "
                      f"{p(r.p_value)} | {p(getattr(r, 'welch_p_vs_baseline', float('nan')))} |")
     return "\n".join(lines)
 
@@ -128,20 +140,20 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
     table = stats.compare_to_baseline(df, baseline, order)
     cols = [c for c in ("variant", "n", "loss_mean", "loss_std", "diff", "ci_low", "ci_high", "p_two_sided",
                         "seeds_needed", "ms_per_step", "step_time_ratio") if c in table]
-    parts.append(table[cols].to_markdown(index=False, floatfmt=".4g"))
+    parts.append(table[cols].assign(variant=table["variant"].map(md_text)).to_markdown(index=False, floatfmt=".4g"))
     lines = []
     for row in table.itertuples():
         if row.variant == baseline or pd.isna(getattr(row, "p_two_sided", None)):
             continue
         ci = f"mean difference {row.diff:+.4f}, 95% CI [{row.ci_low:+.4f}, {row.ci_high:+.4f}]"
         if row.p_two_sided < alpha:
-            verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {baseline} ({ci}; p = {row.p_two_sided:.2g})"
+            verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {md_text(baseline)} ({ci}; p = {row.p_two_sided:.2g})"
         else:
-            verdict = f"no difference from {baseline} shown ({ci}; p = {row.p_two_sided:.2f})"
+            verdict = f"no difference from {md_text(baseline)} shown ({ci}; p = {row.p_two_sided:.2f})"
             if math.isfinite(row.seeds_needed):
                 verdict += (f"; a difference this size would need {int(row.seeds_needed)} runs per arm to show at "
                             f"p < {alpha} with 80% power")
-        lines.append(f"- **{row.variant}** ({row.n} runs vs {table['n'].iloc[0]}): {verdict}.")
+        lines.append(f"- **{md_text(row.variant)}** ({row.n} runs vs {table['n'].iloc[0]}): {verdict}.")
     parts.append("\n".join(lines))
     return Markdown("\n\n".join(parts))
 
@@ -189,7 +201,7 @@ def family_table(table) -> str:
         corr = "-" if r.corr != r.corr else f"{r.corr:.2f}"
         need = "-" if not math.isfinite(r.seeds_needed) else str(int(r.seeds_needed))
         label = getattr(r, "label", f"{r.variant} vs {r.baseline}")
-        lines.append(f"| {label} | {r.design} | {n} | {r.diff:+.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | "
+        lines.append(f"| {md_text(label)} | {r.design} | {n} | {r.diff:+.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | "
                      f"{r.t_stat:.2f} | {r.df:.1f} | {pval(r.p_value)} | {pval(r.p_holm)} | {corr} | {need} |")
     return "\n".join(lines)
 

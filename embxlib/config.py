@@ -497,21 +497,77 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return build_config(overrides, getattr(args, "config", None))
 
 
+YAML_MAX_BYTES = 1 << 20  # a sweep or config file is a few hundred bytes; more is not one of ours
+
+
+def load_yaml(text: str, source: str):
+    """The one YAML reader of config and sweep files: safe tags only, no aliases (`*a`: expanding them is how a few
+    hundred bytes become gigabytes), no key twice in a mapping (YAML's own loader keeps the last silently), at most
+    YAML_MAX_BYTES. Raises ValueError starting with source (e.g. "sweep file s.yaml") and naming the line and column."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}): aliases are not "
+                                                  "allowed here", event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        twice = key in seen
+                        seen.add(key)
+                    except TypeError:
+                        continue  # an unhashable key: the constructor names it
+                    if twice:
+                        raise yaml.constructor.ConstructorError(None, None, f"the key {str(key)[:80]!r} twice",
+                                                                key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    if len(text.encode("utf-8", errors="replace")) > YAML_MAX_BYTES:
+        raise ValueError(f"{source}: larger than {YAML_MAX_BYTES} bytes, not read")
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{source}: not valid YAML: {e.problem or e.context}{where}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except RecursionError:
+        raise ValueError(f"{source}: not valid YAML: nested too deeply") from None
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key[:80]!r} twice")
+        out[key] = value
+    return out
+
+
 def load_config_file(path) -> dict:
     """The fields of a config file (JSON, or YAML by its .yaml/.yml suffix), each converted to the field's type.
-    Raises ValueError naming the file and any key that is not a Config field."""
-    import yaml
+    Raises ValueError naming the file and any key that is not a Config field, or a key given twice."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise ValueError(f"config file {path}: {e.strerror or e}") from None
     is_yaml = path.suffix.lower() in (".yaml", ".yml")
-    try:
-        data = yaml.safe_load(text) if is_yaml else json.loads(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: "
-                         f"{str(e).splitlines()[0]}") from None
+    if is_yaml:
+        data = load_yaml(text, f"config file {path}")
+    else:
+        try:
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"config file {path}: not valid JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of Config fields, got {type(data).__name__}")
     known = {f.name for f in fields(Config)}

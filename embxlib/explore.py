@@ -15,7 +15,8 @@ differ between seeds at tiny scale, so no mean is drawn over them) at the step t
 
 LiveView: an Explorer whose tables are re-read from the run folders every `every` seconds by a background thread
 (the kernel stays free, also while another cell trains), drawn as lines are written, stopping by itself when every
-run found has ended (summary.json finished, failed or stopped) and no launcher or sweep holds a lock. Its figure is
+run found has ended (summary.json finished, failed or stopped, or its run.lock names a process of this machine that
+is gone: "running, its process is gone") and no launcher or sweep holds a lock. Its figure is
 an Image widget the thread fills (no mouse readout there; `plots.explore` on the finished runs has it).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import plots, runs
-from .runfolder import RUN_LOCK, SWEEP_LOCK, lock_info, process_alive, read_json
+from .runfolder import RUN_LOCK, SWEEP_LOCK, lock_info, process_alive
 from .stats import is_mixing_stream
 
 X_AXES = {"step": "step", "time": "train_time_s"}
@@ -58,6 +59,12 @@ def _ready(canvas) -> None:
     (its _repr_mimebundle_ sets them): without them the frontend draws a 0x0 canvas from a broken image."""
     if canvas is not None and hasattr(canvas, "_repr_mimebundle_"):
         canvas._repr_mimebundle_()
+
+
+def _plain(name) -> str:
+    """A name from a run folder as literal text in a matplotlib label: a `$` would start mathtext (a name such as
+    `$\\foo$` made drawing raise)."""
+    return str(name).replace("$", "\\$")
 
 
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -168,7 +175,8 @@ class Explorer:
         return "step" if self.x_axis.value == "step" else "time"
 
     def _x_range(self) -> tuple[float, float]:
-        xs = [line[self._x_name()] for line in self.lines if len(line[self._x_name()])]
+        xs = [x[np.isfinite(x)] for x in (line[self._x_name()] for line in self.lines)]  # (runs.load_runs warns)
+        xs = [x for x in xs if len(x)]
         if not xs:
             return 0.0, 1.0
         lo, hi = float(min(x.min() for x in xs)), float(max(x.max() for x in xs))
@@ -233,7 +241,7 @@ class Explorer:
         shown = [v for v, box in self.variant_boxes.items() if box.value]
         counts = {v: len({l["run"] for l in self.lines if l["variant"] == v}) for v in shown}
         handles = [Line2D([], [], color=self.colors[v]) for v in shown]
-        labels = [f"{v} ({counts[v]} run{'s' if counts[v] != 1 else ''})" for v in shown]
+        labels = [f"{_plain(v)} ({counts[v]} run{'s' if counts[v] != 1 else ''})" for v in shown]
         if self.ax.get_legend() is not None:
             self.ax.get_legend().remove()
         if handles:
@@ -244,7 +252,8 @@ class Explorer:
         variants = sorted({l["variant"] for l in visible}, key=list(self.variant_boxes).index)
         (x0, x1), (y0, y1) = self.ax.get_xlim(), self.ax.get_ylim()
         self.status.value = (f"<span class='embx-status'>shown: {len(visible)} curves of "
-                             f"{len({l['run'] for l in visible})} runs, variants {', '.join(map(str, variants)) or 'none'}; "
+                             f"{len({l['run'] for l in visible})} runs, variants "
+                             f"{html.escape(', '.join(map(str, variants))) or 'none'}; "
                              f"x {x0:.6g} to {x1:.6g}, y {y0:.4f} to {y1:.4f}</span>")
 
     def draw(self) -> None:
@@ -323,7 +332,7 @@ class LambdaView:
         data = self.lam[(self.lam["variant"] == self.variant.value) & (self.lam["step"] <= self.step.value)]
         last = data.groupby("run")["step"].transform("max")
         plots.plot_layer_lambdas_runs(data[data["step"] == last], ax=self.ax,
-                                      title=f"{self.variant.value}: lambdas per layer at step {self.step.value}, "
+                                      title=f"{_plain(self.variant.value)}: lambdas per layer at step {self.step.value}, "
                                             f"one line per run ({data['run'].nunique()} runs)")
         self.fig.canvas.draw()
 
@@ -346,6 +355,18 @@ def _held(folder: Path, name: str) -> bool:
     return bool(info.get("pid")) and process_alive(info["pid"])
 
 
+GONE = "its process is gone"
+
+
+def _holder_gone(folder: Path) -> bool:
+    """The run's lock names a process of this machine that no longer runs: a trainer killed (SIGKILL, the OOM
+    killer) before it could record its end. A lock of another machine (a SLURM node) cannot be checked from here."""
+    import socket
+    info = lock_info(folder, RUN_LOCK) if (folder / RUN_LOCK).is_file() else {}
+    return (bool(info.get("pid")) and info.get("host", socket.gethostname()) == socket.gethostname()
+            and not process_alive(info["pid"]))
+
+
 class LiveView(Explorer):
     """An Explorer over run folders that re-reads them every `every` seconds in a background thread; see
     the module docstring. stop() ends it early; join() waits for it to end; `ended` tells whether it has."""
@@ -362,8 +383,8 @@ class LiveView(Explorer):
             tables = self._read()
         finally:
             runs._QUIET.on = False
-        super().__init__(*tables, x=x, smoothing=smoothing, title=title or "live: " + ", ".join(
-            map(str, self.paths)))
+        super().__init__(*tables, x=x, smoothing=smoothing, title=title or "live: " + _plain(", ".join(
+            map(str, self.paths))))
         runs._QUIET.on = True
         try:
             self.state = self._state()
@@ -381,11 +402,17 @@ class LiveView(Explorer):
 
     def _state(self) -> dict:
         folders = [f for f in _run_folders(self.paths) if (f / "config.json").is_file()]
-        status = {f.name: (read_json(f / "summary.json") or {}).get("status", "starting") for f in folders}
+        status = {}
+        for f in folders:
+            summary = runs.read_json_file(f / "summary.json") if (f / "summary.json").exists() else {}
+            status[f.name] = str(summary.get("status", "starting"))
+            if status[f.name] not in ENDED and _holder_gone(f):
+                status[f.name] += ", " + GONE  # it ends here, as a run that stopped
+
         locked = any(_held(Path(runs.from_root(p)), SWEEP_LOCK) for p in self.paths if Path(runs.from_root(p)).is_dir())
         locked = locked or any(_held(f, RUN_LOCK) for f in folders)
         return dict(status=status, locked=locked, done=bool(status) and not locked
-                    and all(s in ENDED for s in status.values()))
+                    and all(s in ENDED or s.endswith(GONE) for s in status.values()))
 
     def _loop(self) -> None:
         runs._QUIET.on = True  # this thread only: runs being written give missing files and torn lines
@@ -417,7 +444,7 @@ class LiveView(Explorer):
         counts: dict[str, int] = {}
         for s in state["status"].values():
             counts[s] = counts.get(s, 0) + 1
-        runs_text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no run folder yet"
+        runs_text = html.escape(", ".join(f"{n} {s}" for s, n in counts.items())) or "no run folder yet"
         end = "ended" if self.ended.is_set() else f"watching every {self.every:g} s"
         self.status.value += f"<br><span class='embx-live'>live view: {runs_text}; {end}</span>"
 

@@ -24,17 +24,22 @@ def is_tracked(path: str) -> bool:
 
 def strip(nb: dict, committed_metadata: dict | None = None) -> dict:
     """nb (a notebook as JSON) without outputs, execution counts and volatile metadata, in place; its notebook
-    metadata replaced by committed_metadata when given (what the file on disk holds)."""
-    for cell in nb.get("cells", []):
+    metadata replaced by committed_metadata when that is a dict (what the file on disk holds). Whatever else a cell
+    holds, a code cell's outputs go."""
+    cells = nb.get("cells", [])
+    for cell in cells if isinstance(cells, list) else []:
+        if not isinstance(cell, dict):
+            continue
         if cell.get("cell_type") == "code":
             cell["outputs"] = []
             cell["execution_count"] = None
-        for key in VOLATILE_CELL_METADATA:
-            cell.get("metadata", {}).pop(key, None)
-    if committed_metadata is not None:
+        metadata = cell.get("metadata")
+        for key in VOLATILE_CELL_METADATA if isinstance(metadata, dict) else ():
+            metadata.pop(key, None)
+    if isinstance(committed_metadata, dict):
         nb["metadata"] = committed_metadata
-    else:
-        nb.get("metadata", {}).pop("widgets", None)
+    elif isinstance(nb.get("metadata"), dict):
+        nb["metadata"].pop("widgets", None)
     return nb
 
 
@@ -46,9 +51,14 @@ def keep_output_free(model: dict, path: str, contents_manager=None, **kwargs) ->
     if contents_manager is not None and hasattr(contents_manager, "_get_os_path"):
         on_disk = Path(contents_manager._get_os_path(path))
     committed = None
-    if on_disk is not None and on_disk.is_file():
-        try:
-            committed = json.loads(on_disk.read_text(encoding="utf-8")).get("metadata")
-        except (OSError, ValueError):
-            committed = None
-    strip(model["content"], committed)
+    try:  # the committed metadata, from a well-formed notebook on disk; anything else keeps the notebook's own
+        if on_disk is not None and on_disk.is_file():
+            data = json.loads(on_disk.read_text(encoding="utf-8"))
+            committed = data.get("metadata") if isinstance(data, dict) else None
+    except (OSError, ValueError, RecursionError):
+        committed = None
+    try:
+        strip(model["content"], committed if isinstance(committed, dict) else None)
+    except Exception as exc:  # jupyter_server logs a failed hook and saves anyway: refuse instead of saving outputs
+        from tornado.web import HTTPError
+        raise HTTPError(400, f"{path}: not saved, its outputs could not be removed ({type(exc).__name__})") from exc

@@ -700,19 +700,19 @@ def main(argv=None):
 
 def sweep_file_and_yaml(path, text, backend) -> dict:
     """sweep()'s keyword arguments from a sweep file, -y's YAML over it, --backend over both."""
-    import yaml
+    from .config import load_yaml
     if path is None and text is None:
         raise ValueError("needs -y YAML or -f FILE with the sweep's keys, e.g. -y '{grid: {extra_embeds: [0, 1]}}'")
     spec = {}
     if path is not None:
         try:
-            spec = yaml.safe_load(Path(path).read_text())
+            spec = load_yaml(Path(path).read_text(), f"sweep file {path}")
         except OSError as e:
             raise ValueError(f"sweep file {path}: {e.strerror or e}") from None
         if not isinstance(spec, dict):
             raise ValueError(f"sweep file {path}: expected a mapping with keys {sorted(SWEEP_SETTINGS)}")
     if text is not None:
-        given = yaml.safe_load(text)
+        given = load_yaml(text, "sweep YAML (-y)")
         if not isinstance(given, dict):
             raise ValueError(f"sweep YAML {given!r}: expected a mapping with keys {sorted(SWEEP_SETTINGS)}")
         spec = {**spec, **given}

@@ -7,7 +7,10 @@ Three sources, one parser for the text ones:
 
 Log lines are `step:N/M key:value key:value ...`. We anchor on `^step:` because the upstream logs embed the
 training script, whose source contains `val_loss` on indented lines, and we read the fields with one regex.
-A malformed line is skipped with one ParseWarning naming the file and line number; nothing raises.
+A malformed line is skipped with one ParseWarning naming the file and line number (never its content: a log may
+hold anything); nothing raises. Only regular files are read, and only where they really are inside the folder that
+holds them: a FIFO (which would block the read forever), a device or a symlink out of its folder is warned about by
+name and not read.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import glob
 import json
 import os
 import re
+import stat
 import threading
 import warnings
 from itertools import compress
@@ -26,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from . import ROOT
-from .runfolder import parse_jsonl
 
 VAL_COLUMNS = ["run", "variant", "step", "train_time_s", "val_loss", "source"]
 TRAIN_COLUMNS = ["run", "variant", "step", "train_time_s", "train_loss", "source"]
@@ -75,18 +78,22 @@ def _warn(message: str) -> None:
 # text logs: upstream *.txt and published *.md
 
 
+class _Malformed(ValueError):
+    """What is wrong with a line, in words that do not repeat its content."""
+
+
 def _seconds(value: str) -> float:
     # upstream writes ms; track-3 logs write seconds (`train_time:989.965s`)
     if value.endswith("ms"):
         return float(value[:-2]) / 1000.0
     if value.endswith("s"):
         return float(value[:-1])
-    raise ValueError(f"train_time without a unit: {value!r}")
+    raise _Malformed("train_time without a unit")
 
 
 def _floats(value: str) -> list[float]:
     if not (value.startswith("[") and value.endswith("]")):
-        raise ValueError("truncated list")
+        raise _Malformed("truncated list")
     return [float(v) for v in value[1:-1].split(",")]
 
 
@@ -114,7 +121,7 @@ def _read_step_line(line: str):
     fields = dict(_FIELD.findall(line))
     step_text, total_text = fields["step"].split("/")
     if len(step_text) > 18 or len(total_text) > 18:
-        raise ValueError("step out of range")
+        raise _Malformed("step out of range")
     point = (_seconds(fields["train_time"]), float(fields["val_loss"])) if "val_loss" in fields else None
     lambdas = [(k[: -len("_lambdas")], _floats(v)) for k, v in fields.items() if k.endswith("_lambdas")]
     return int(step_text), int(total_text), point, lambdas
@@ -149,10 +156,13 @@ def _parse_text(text: str, source: str, sections: bool, default_name: str) -> li
         try:
             step, total, point, lambdas = _read_step_line(line)
         except KeyError as exc:
-            _warn(f"{source}:{lineno}: skipped malformed line (no {exc.args[0]} field): {line[:80]!r}")
+            _warn(f"{source}:{lineno}: skipped malformed line (no {exc.args[0]} field)")
             continue
-        except ValueError as exc:
-            _warn(f"{source}:{lineno}: skipped malformed line ({exc!s:.60}): {line[:80]!r}")
+        except _Malformed as exc:
+            _warn(f"{source}:{lineno}: skipped malformed line ({exc})")
+            continue
+        except ValueError:
+            _warn(f"{source}:{lineno}: skipped malformed line (a value that is not a number)")
             continue
         if point is not None:
             points.append((k, step, total, *point))
@@ -257,9 +267,33 @@ def _lambda_frame(records: list[tuple[str, str, int, str, list[float]]], source:
     ).astype({"layer": "int64"})
 
 
+class NotRead(OSError):
+    """A file the analysis does not read: not a regular file, or a symlink out of the folder that holds it."""
+
+
 def _read_text(path: Path) -> str:
-    # logs are written by crashing jobs: never fail on a broken byte
-    return path.read_bytes().decode("utf-8", errors="replace")
+    """The text of a regular file whose real location is inside the real location of the folder that holds it;
+    NotRead (an OSError naming the file, never its content) for anything else: a FIFO or a device (opened without
+    blocking, checked on the open file, never read) or a symlink out of its folder (whose target may be a secret
+    the warnings would echo). Logs are written by crashing jobs: a broken byte never fails."""
+    path = Path(path)
+    real, folder = os.path.realpath(path), os.path.realpath(path.parent)
+    if os.path.dirname(real) != folder and not real.startswith(folder.rstrip(os.sep) + os.sep):
+        raise NotRead(f"{path}: a symlink out of its folder, not read")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NotRead(f"{path}: not a regular file, not read")
+        return f.read().decode("utf-8", errors="replace")
+
+
+def _read_member(path: Path) -> str | None:
+    """_read_text of a file of a run folder, or None with a warning naming it when it is not read."""
+    try:
+        return _read_text(path)
+    except OSError as exc:
+        _warn(str(exc) if isinstance(exc, NotRead) else f"{path}: unreadable, skipped ({exc.strerror or exc})")
+        return None
 
 
 def parse_log(path, with_lambdas: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -289,7 +323,13 @@ def read_json_file(path: Path) -> dict:
     when it is missing, unreadable, malformed or not an object."""
     try:
         data = json.loads(_read_text(Path(path)))
-    except (OSError, ValueError) as exc:
+    except NotRead as exc:
+        _warn(f"{exc}; ignored")
+        return {}
+    except OSError as exc:
+        _warn(f"{path}: unreadable JSON, ignored ({exc.strerror or type(exc).__name__})")
+        return {}
+    except ValueError as exc:  # json's message names a line and column, never the content
         _warn(f"{path}: unreadable JSON, ignored ({exc!s:.80})")
         return {}
     if not isinstance(data, dict):
@@ -301,11 +341,28 @@ def read_json_file(path: Path) -> dict:
 _read_json_file = read_json_file
 
 
-def _metrics_records(text: str, path: Path) -> list[dict]:
-    records, notes = parse_jsonl(text, path)
-    for note in notes:
-        _warn(note)
-    return records
+def _metrics_records(text: str, path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every JSON object line; any other line is warned about by file and line number,
+    never by its content."""
+    numbered = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    try:  # one C-level parse of the whole file; a bad line sends us to the line-by-line path
+        records = json.loads("[" + ",".join(line for _, line in numbered) + "]")
+        if all(isinstance(r, dict) for r in records):
+            return [(n, r) for (n, _), r in zip(numbered, records)]
+    except ValueError:
+        pass
+    out = []
+    for lineno, line in numbered:
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            _warn(f"{path}:{lineno}: skipped malformed line ({exc.msg if hasattr(exc, 'msg') else 'not JSON'})")
+            continue
+        if not isinstance(record, dict):
+            _warn(f"{path}:{lineno}: skipped malformed line (not a JSON object)")
+            continue
+        out.append((lineno, record))
+    return out
 
 
 def _metrics_points(text: str):
@@ -327,10 +384,10 @@ def _metrics_points(text: str):
 
 def _step(value) -> int:
     if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"step {value!r} is not a whole number")
+        raise _Malformed("step is not a whole number")
     step = int(value)
     if not 0 <= step < 10**18:
-        raise ValueError("step out of range")
+        raise _Malformed("step out of range")
     return step
 
 
@@ -342,28 +399,34 @@ def _per_layer(values) -> list[float]:
 def parse_run_folder(folder, with_lambdas: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Validation points and per-layer lambdas (plus the residual norms as stream "norm") of one embxlib run."""
     folder = Path(from_root(folder))
-    config = _read_json_file(folder / "config.json") if (folder / "config.json").is_file() else {}
+    config = _read_json_file(folder / "config.json") if (folder / "config.json").exists() else {}
     variant = str(config.get("name") or folder.name)
     run = _Run(folder.name)
     metrics = folder / "metrics.jsonl"
-    text = _read_text(metrics) if metrics.is_file() else ""
+    text = (_read_member(metrics) or "") if metrics.exists() else ""
     points = None if with_lambdas else _metrics_points(text)
     if points is not None:
         run.steps, run.times, run.losses = points
     else:
         by_step: dict[int, tuple] = {}  # a step recorded twice (a resume that did not replace it): the last counts
-        for index, record in enumerate(_metrics_records(text, metrics), 1):
+        for lineno, record in _metrics_records(text, metrics):
             try:
                 step = _step(record["step"])
                 point = (float(record["train_time_ms"]) / 1000.0, float(record["val_loss"]))
                 streams = [(str(k), _per_layer(v)) for k, v in (record.get("lambdas") or {}).items()]
                 if record.get("norms") is not None:
                     streams.append(("norm", _per_layer(record["norms"])))
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                _warn(f"{metrics}: record {index}: skipped ({exc!s:.60})")
+            except KeyError as exc:
+                _warn(f"{metrics}:{lineno}: skipped record (no {str(exc.args[0])[:40]!r} field)")
+                continue
+            except _Malformed as exc:
+                _warn(f"{metrics}:{lineno}: skipped record ({exc})")
+                continue
+            except (TypeError, ValueError, AttributeError):
+                _warn(f"{metrics}:{lineno}: skipped record (a value of the wrong type)")
                 continue
             if step in by_step:
-                _warn(f"{metrics}: record {index}: step {step} again; kept this record, dropped the earlier one")
+                _warn(f"{metrics}:{lineno}: step {step} again; kept this record, dropped the earlier one")
             by_step[step] = (point, streams)
         for step, (point, streams) in sorted(by_step.items()):
             run.steps.append(step)
@@ -371,9 +434,11 @@ def parse_run_folder(folder, with_lambdas: bool = True) -> tuple[pd.DataFrame, p
             run.losses.append(point[1])
             if with_lambdas:
                 run.lambdas.extend((step, stream, values) for stream, values in streams)
-    if not len(run.steps) and (folder / "log.txt").is_file():
+    log_text = (_read_member(folder / "log.txt") if not len(run.steps) and (folder / "log.txt").exists()
+                else None)
+    if log_text is not None:
         # a run that died before writing metrics may still have its log
-        logged = _parse_text(_read_text(folder / "log.txt"), str(folder / "log.txt"), False, folder.name)
+        logged = _parse_text(log_text, str(folder / "log.txt"), False, folder.name)
         run.steps, run.times, run.losses = ([x for r in logged for x in getattr(r, name)]
                                             for name in ("steps", "times", "losses"))
     return _frames([run], [folder.name], [variant], str(folder), with_lambdas)
@@ -473,8 +538,11 @@ def _load(paths, with_lambdas: bool, require: bool = False, pool: bool = False):
         parse = parse_run_folder if path.is_dir() else parse_log
         try:
             v, lam = parse(path, with_lambdas=with_lambdas)
+        except NotRead as exc:
+            _warn(str(exc))
+            continue
         except OSError as exc:
-            _warn(f"{path}: unreadable ({exc})")
+            _warn(f"{path}: unreadable ({exc.strerror or exc})")
             continue
         if v.empty:
             _warn(f"{path}: no validation points")
@@ -546,6 +614,12 @@ def _warn_non_finite(vals: pd.DataFrame, path: Path) -> None:
         first = bad.iloc[0]
         _warn(f"{path}: {len(bad)} non-finite val_loss value(s), kept (first: {first['val_loss']} at step "
               f"{first['step']} of run {first['run']!r})")
+    # a clock that is not a number: the point stays on the step axis, and is left out of time axes and ranges
+    bad = vals[~np.isfinite(vals["train_time_s"].to_numpy())]
+    if len(bad):
+        first = bad.iloc[0]
+        _warn(f"{path}: {len(bad)} non-finite train_time value(s), kept per step, left out of time axes (first: "
+              f"{first['train_time_s']} at step {first['step']} of run {first['run']!r})")
 
 
 def _disambiguate(table: pd.DataFrame) -> pd.DataFrame:
@@ -604,7 +678,11 @@ def load_train_loss(paths) -> pd.DataFrame:
         if not (path.is_dir() and log.is_file()):
             continue
         config = _read_json_file(path / "config.json") if (path / "config.json").is_file() else {}
-        table = parse_train_log(log)
+        try:
+            table = parse_train_log(log)
+        except OSError as exc:
+            _warn(str(exc) if isinstance(exc, NotRead) else f"{log}: unreadable, skipped ({exc.strerror or exc})")
+            continue
         if table.empty:
             continue
         table.insert(0, "run", path.name)
@@ -637,7 +715,7 @@ def run_settings(paths) -> pd.DataFrame:
     for path in _expand(paths):
         if not (path.is_dir() and (path / "config.json").is_file()):
             continue
-        header = _read_text(path / "log.txt")[:4096] if (path / "log.txt").is_file() else ""
+        header = ((_read_member(path / "log.txt") or "") if (path / "log.txt").exists() else "")[:4096]
         found = re.search(r"^git commit: (\S+)(.*)$", header, re.M)
         machine = re.search(r"^Running Python \S+ on (\S+)", header, re.M)
         cpu = re.search(r"^cpu: (.+?), \d+ logical CPUs", header, re.M)  # (runs before 2026-12-02 lack this line)
@@ -731,6 +809,8 @@ def top_predictions(preds: dict, component: str, position: int) -> list[str]:
 
 
 def logit_lens_markdown(table: pd.DataFrame) -> str:
-    """The table as GitHub markdown, tokens shown as Python literals so that newlines and spaces stay visible."""
-    shown = table.map(lambda t: repr(t).replace("|", "\\|"))
+    """The table as GitHub markdown, tokens shown as Python literals so that newlines and spaces stay visible, and as
+    text: a token's HTML is escaped (markdown passes raw HTML through), as is what would end a cell or start code."""
+    import html
+    shown = table.map(lambda t: html.escape(repr(t), quote=False).replace("|", "\\|").replace("`", "\\`"))
     return shown.to_markdown()

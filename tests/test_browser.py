@@ -1,10 +1,13 @@
 """`make lab` in a real browser: Debian's Chromium, headless, driven by playwright (no browser download). It opens
 the analysis notebook on the committed runs/cpu-x0, runs it from JupyterLab's Run menu, finds the explorer's
 interactive (ipympl) canvas, drags the window slider and sees the x range change, unticks a variant and sees its
-curves go, reads a point off a curve, saves, and the tracked notebook is still byte for byte what git holds.
+curves go, reads a point off a curve, saves, and the tracked notebook is still byte for byte what git holds. Then it
+opens a notebook that explores and watches a run folder whose config.json name and summary.json status are HTML
+with an event handler (issue 33): the page shows them as text and no handler runs.
 
 Skips, saying why, only where no Chromium (or no playwright) exists; with CI set (.ci/run) it fails instead.
 Screenshots go to $EMBXLIB_SCREENSHOTS if set, else to the test's temporary folder."""
+import json
 import os
 import re
 import secrets
@@ -63,6 +66,54 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.25)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+XSS_NAME = '<img src=x onerror="document.body.setAttribute(\'data-xss\',1)">'
+XSS_STATUS = '<img src=y onerror="document.body.setAttribute(\'data-xss\',2)">'
+
+
+def hostile_notebook(folder: Path) -> Path:
+    """A copy of a committed run whose name and status are HTML with a handler, and a notebook that explores and
+    watches it."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+    run = folder / "hostile_run"
+    shutil.copytree(ROOT / "runs" / "cpu-x0" / "extra_embeds1_s0", run,
+                    ignore=shutil.ignore_patterns("notebook.ipynb", "loss.png", "console.log"))
+    for name, key, value in (("config.json", "name", XSS_NAME), ("summary.json", "status", XSS_STATUS)):
+        data = json.loads((run / name).read_text())
+        data[key] = value
+        (run / name).write_text(json.dumps(data))
+    nb = new_notebook(cells=[new_code_cell(f"from embxlib import explore, runs\nRUN = {str(run)!r}"),
+                             new_code_cell("explore.explore(runs.load_runs([RUN]), train=runs.load_train_loss([RUN]))"),
+                             new_code_cell("explore.watch(RUN, every=0.2, timeout=2)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    path = folder / "hostile.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def check_hostile_run_in_the_page(page, base: str, token: str, notebook: Path, shots: Path) -> None:
+    page.goto(f"{base}/lab/workspaces/hostile/tree/{notebook.relative_to(ROOT).as_posix()}?token={token}",
+              timeout=120_000)  # a workspace of its own: only this notebook open
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    idle = page.get_by_text("Python 3 (ipykernel) | Idle")
+    idle.or_(page.locator(".jp-Dialog")).first.wait_for(timeout=120_000)
+    select_kernel(page)
+    idle.wait_for(timeout=120_000)
+    select_kernel(page)
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    page.wait_for_selector(".embx-live", state="attached", timeout=240_000)
+    live = page.locator(".embx-live").first
+    wait_for(lambda: "ended" in live.inner_text(), 60, "the live view to end")
+    statuses = page.locator(".embx-status").all_inner_texts()
+    page.screenshot(path=str(shots / "hostile-run.png"))
+    assert page.evaluate("document.body.getAttribute('data-xss')") is None, "a handler from the run folder ran"
+    assert page.locator("img[src='x'], img[src='y']").count() == 0
+    assert len(statuses) == 2 and all(XSS_NAME in s for s in statuses), statuses  # shown as text
+    assert XSS_STATUS in live.inner_text(), live.inner_text()
+    assert page.locator(".widget-checkbox", has_text=XSS_NAME).count() >= 1  # the variant's box, named as text
 
 
 def x_range(status: str) -> tuple[float, float]:
@@ -188,6 +239,11 @@ def test_analysis_notebook_in_jupyterlab_zooms_toggles_and_reads_in_a_real_brows
                 wait_for(lambda: NOTEBOOK.stat().st_mtime_ns != saved_before, 30, "the save")
                 time.sleep(1.0)
                 assert NOTEBOOK.read_bytes() == committed, "saving in JupyterLab changed nbs/analyze_runs.ipynb"
+
+                # a run folder with HTML in its name and status: shown as text, nothing runs
+                hostile = analysis_root / f"browser-test-{token[:8]}"
+                hostile.mkdir(parents=True)
+                check_hostile_run_in_the_page(page, server.base, token, hostile_notebook(hostile), shots)
             except BaseException:
                 page.screenshot(path=str(shots / "failure.png"), full_page=True)  # what the page showed
                 raise

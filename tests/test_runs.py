@@ -325,8 +325,8 @@ def test_suspicious_points_warn(tmp_path):
         with pytest.warns(ParseWarning) as record:
             table = load()
         messages = parse_warnings(record)
-        assert any("record 3: step 2 again; kept this record" in m for m in messages), messages
-        assert any("record 4: skipped (step 2.5 is not a whole number)" in m for m in messages), messages
+        assert any("metrics.jsonl:3: step 2 again; kept this record" in m for m in messages), messages
+        assert any("metrics.jsonl:4: skipped record (step is not a whole number)" in m for m in messages), messages
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ParseWarning)
         vals = load_runs(folder)

@@ -209,8 +209,11 @@ def compare_to_baseline(df: pd.DataFrame, baseline: str, variants=None) -> pd.Da
                "ms_per_step": float((1000 * g["train_time_s"] / g["step"]).median())}
         if v != baseline and len(g) > 1 and len(base) > 1:
             w = welch_test(loss, base, alternative="two-sided")
+            sd = pooled_sd(loss, base)
             row.update(diff=w["diff"], ci_low=w["ci_low"], ci_high=w["ci_high"], t_stat=w["t_stat"],
-                       p_two_sided=w["p_value"], seeds_needed=seeds_needed(w["diff"], pooled_sd(loss, base)),
+                       p_two_sided=w["p_value"], seeds_needed=seeds_needed(w["diff"], sd),
+                       plan=bool(not (w["ci_low"] <= 0 <= w["ci_high"])),  # else post-hoc power on noise
+                       detectable=detectable_effect(sd, len(loss), len(base)),
                        step_time_ratio=row["ms_per_step"] / rows[0]["ms_per_step"])  # rows[0]: the baseline
         rows.append(row)
     return pd.DataFrame(rows)

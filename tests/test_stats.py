@@ -649,3 +649,15 @@ def test_post_hoc_power_inside_the_noise_is_no_plan():
     assert noise["detectable"] == pytest.approx(detectable_effect_paired(noise["sd"], 6))
     clear = compare(b - 0.05 + np.array([0.001, -0.002, 0.0015, -0.001, 0.002, -0.0012]), b, range(6), range(6))
     assert clear["ci_high"] < 0 and clear["plan"] and clear["seeds_needed"] == 2
+
+
+def test_repair_clock_retimes_a_stalled_stretch_at_the_runs_median_rate():
+    from embxlib.stats import clock_stalls, repair_clock
+    steps = [0, 50, 100, 150, 200]
+    times = {"ok": [0, 50, 100, 150, 200], "stall": [0, 50, 250, 300, 350]}
+    df = pd.DataFrame([dict(run=r, variant="v", step=s, train_time_s=t, val_loss=5.0 - s / 100)
+                       for r, ts in times.items() for s, t in zip(steps, ts)])
+    fixed = repair_clock(df)
+    assert fixed.loc[fixed["run"] == "stall", "train_time_s"].tolist() == [0, 50, 100, 150, 200]
+    assert fixed.loc[fixed["run"] == "ok", "train_time_s"].tolist() == times["ok"]
+    assert not clock_stalls(fixed)["stalled"].any() and clock_stalls(df)["stalled"].sum() == 1

@@ -119,7 +119,7 @@ def _arm_frames(val, selections, baseline, span_fn):
 
 def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str = "std", zoom_from=None,
                alpha: float = 0.05, root=None, refs: dict | None = None, table: bool = True, selections=None,
-               time_selections=None):
+               time_selections=None, diff_selections=None):
     """A post section comparing variants with a baseline, computed from the validation table `val`, drawing the
     runs each comparison tests: selections ({variant: stats.Selection}, default stats.select_runs(val, variant,
     baseline): every run) for the per-step figures, time_selections (default: the same) for the per-time figure.
@@ -130,7 +130,9 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
     tests (stats.compare_to_baseline), each followed by what it shows at level `alpha`, its 95% confidence
     interval and, for an estimate clear of its noise, the runs per arm that would show a difference that size
     (stats.seeds_needed); for one inside its noise, the difference these runs would detect. refs ({label: loss})
-    are drawn as reference lines in the full-range figures. table=False: the figures only, for a post that tests
+    are drawn as reference lines in the full-range figures. diff_selections: the paired comparisons whose per-seed
+    differences the difference figure draws (default: the paired ones of `selections`; a post whose tests compare
+    other pairs than variant vs baseline passes those). table=False: the figures only, for a post that tests
     its whole family at once (stats.family, family_table). Returns the Markdown to display."""
     import pandas as pd
     from IPython.display import Markdown
@@ -158,12 +160,12 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
     else:
         parts.append(figure(plots.plot_val_loss(df, x="step", average=True, band=band, refs=refs), slug,
                             f"{prefix}-step.png", f"{prefix}: validation loss per step", root).data)
-    paired = [sel for sel in sels if sel.design == "paired"]
+    paired = [sel for sel in (diff_selections if diff_selections is not None else sels) if sel.design == "paired"]
     if paired:
         parts.append(figure(plots.plot_paired_differences(val, paired, x="step", xlim=(
             zoom_from, last) if zoom_from is not None else None), slug, f"{prefix}-step-diff.png",
             f"{prefix}: paired differences per step", root).data)
-    parts.append(caption(sels))
+    parts.append(caption(sels if diff_selections is None else list(dict.fromkeys(sels + list(diff_selections)))))
     tdf = _arm_frames(val, tsels, baseline, span)
     parts.append(figure(plots.plot_val_loss(tdf, x="train_time_s", average=True, band=band, refs=refs), slug,
                         f"{prefix}-time.png", f"{prefix}: validation loss per training time", root).data)

@@ -543,7 +543,7 @@ def select_runs(df: pd.DataFrame, variant: str, baseline: str, seeds: pd.DataFra
             for r in kept.itertuples():
                 if r.seed not in shared:
                     partner = dropped[(dropped["seed"] == r.seed)]
-                    why = (f"its seed's other run is left out ({exclude[partner['run'].iloc[0]]})" if len(partner)
+                    why = ("the other arm's run of its seed is left out" if len(partner)
                            else "no run of the other arm at its seed")
                     left.append((r.run, why))
             chosen = kept[kept["seed"].isin(shared)]
@@ -551,6 +551,20 @@ def select_runs(df: pd.DataFrame, variant: str, baseline: str, seeds: pd.DataFra
             return Selection(variant, baseline, tuple(chosen["run"]), tuple(as_int(x) for x in shared), "paired",
                              tuple(left), tuple((r, as_int(x)) for r, x in zip(chosen["run"], chosen["seed"])))
     return Selection(variant, baseline, tuple(kept["run"]), (), "Welch", tuple(left))
+
+
+def selection_family(df: pd.DataFrame, selections, seeds: pd.DataFrame | None = None, time: bool = False,
+                     alpha: float = 0.05, level: float = 0.95) -> pd.DataFrame:
+    """family() over the runs of each stats.Selection (the same object the post's figure draws): the final losses
+    (time=False) or the losses at equal training time (time_matched) of selection.frame(df), one row per
+    selection, Holm over these rows. Rows carry n_runs_left_out."""
+    rows = []
+    for sel in selections:
+        part = sel.frame(df).drop(columns=["seed"], errors="ignore")
+        table = (time_matched(part, sel.variant, sel.baseline, seeds) if time else final_values(part, seeds))
+        rows.append(family(table, [(sel.variant, sel.baseline)], alpha=alpha, level=level).assign(
+            n_runs_left_out=len(sel.left_out)))
+    return combine_family(*rows, alpha=alpha)
 
 
 def holm(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:

@@ -127,7 +127,7 @@ def test_comparison_draws_the_runs_its_test_uses(tmp_path):
     timed = stats.select_runs(val, "new", "base", seeds, exclude={"base0": "stalled clock"})
     assert timed.seeds == (1, 2) or timed.design == "Welch"
     timed = stats.select_runs(val, "new", "base", seeds, exclude={"base0": "stalled clock"}, min_pairs=2)
-    assert timed.seeds == (1, 2) and dict(timed.left_out)["new0"].startswith("its seed's other run is left out")
+    assert timed.seeds == (1, 2) and dict(timed.left_out)["new0"].startswith("the other arm's run of its seed")
     md = blog.comparison(val, ["new"], "base", "demo", "sel", zoom_from=50, root=tmp_path,
                          selections={"new": sel}, time_selections={"new": timed}).data
     images = tmp_path / "images" / "demo"

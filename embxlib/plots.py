@@ -225,6 +225,7 @@ def plot_paired_differences(df: pd.DataFrame, selections, x: str = "step", xlim=
         c = colors[sel.variant]
         for _, one in d.groupby("seed", sort=False):
             ax.plot(one[x], one["diff"], color=c, alpha=0.25, linewidth=0.8)
+            visible.append(one["diff"])
         if x == "step":
             wide = d.pivot(index=x, columns="seed", values="diff").dropna()
         else:

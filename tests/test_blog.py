@@ -243,3 +243,50 @@ def test_a_post_notebook_opened_in_nbs_works_from_the_repository_root(monkeypatc
     monkeypatch.chdir(ROOT / "tests")  # anywhere else (e.g. blog.render's own root): left alone
     blog.work_from_root()
     assert Path.cwd() == ROOT / "tests"
+
+
+def test_cpu_scale_figures_draw_the_runs_their_tests_compare():
+    """The figures of the cpu_scale post record the runs they draw (plots.figure_runs): a per-time figure of the
+    study draws no run whose stalled clock its test leaves out, and a figure of a variant run on fewer seeds than
+    the baseline draws the baseline over the variant's seeds only, never averaging in runs its paired test does
+    not compare. Fails when a figure averages a run its test excluded."""
+    import warnings
+
+    import nbformat as nbf
+
+    from embxlib import plots, runs, stats
+    params = {}
+    exec(nbf.read(ROOT / "nbs" / "blog_cpu_scale.ipynb", 4).cells[0].source, {}, params)
+    images = ROOT / "images" / "cpu_scale"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = {"first": params["inputs"], "study": params["study_inputs"]}
+        data = {k: (runs.load_runs(v), runs.run_settings(v)) for k, v in groups.items()}
+    study_val = data["study"][0]
+    stalled = set(stats.clock_stalls(study_val, factor=params["stall_factor"]).query("stalled")["run"])
+    assert stalled, "the study has the stalled run its per-time tests leave out"
+    for name in ("bigram-time.png", "ve-gates-time.png"):
+        drawn = set(plots.figure_runs(images / name))
+        assert drawn and not drawn & stalled, name
+
+    def arms(which, drawn):
+        val, settings = data[which]
+        info = val[val["run"].isin(drawn)].groupby("run")[["variant", "source"]].first()
+        info["seed"] = info["source"].map(settings.set_index("source")["seed"])
+        return info.groupby("variant")["seed"].apply(set)
+
+    checked = 0
+    for png in sorted(images.glob("*.png")):
+        drawn = plots.figure_runs(png)
+        if drawn is None:  # every loss figure names its runs; only the lambda figures do not
+            assert png.name.startswith("x01-lambdas"), png.name
+            continue
+        which = "study" if png.name.startswith(("bigram", "ve-gates")) else "first"
+        seeds = arms(which, set(drawn))
+        base = params["baseline"] if params["baseline"] in seeds else "x01-ve2"  # token lambdas on x01: x01's
+        others = [v for v in seeds.index if v != base]
+        if base in seeds and others:
+            variant_seeds = set().union(*(seeds[v] for v in others))
+            assert seeds[base] <= variant_seeds, (png.name, seeds.to_dict())
+            checked += 1
+    assert checked >= 5

@@ -216,13 +216,13 @@ def plot_paired_differences(df: pd.DataFrame, selections, x: str = "step", xlim=
     pair covers the time). A band clear of zero is a difference the paired test would see at that point."""
     fig, ax = _figure(ax)
     selections = [s for s in selections if s.design == "paired"]
-    colors = _palette([s.variant for s in selections])
+    colors = _palette([f"{s.variant} - {s.baseline}" for s in selections])  # one colour per compared pair
     lo_x, hi_x = xlim if xlim is not None else (-np.inf, np.inf)
     visible, drawn = [], []
     for sel in selections:
         d = paired_differences(df, sel, x)
         d = d[(d[x] >= lo_x) & (d[x] <= hi_x)]
-        c = colors[sel.variant]
+        c = colors[f"{sel.variant} - {sel.baseline}"]
         for _, one in d.groupby("seed", sort=False):
             ax.plot(one[x], one["diff"], color=c, alpha=0.25, linewidth=0.8)
             visible.append(one["diff"])

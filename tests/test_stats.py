@@ -373,6 +373,11 @@ def test_the_study_paired_by_seed_from_the_sweeps_own_tables():
         assert (row.variant, row.baseline, row.design, row.n_pairs) == (v, b, "paired", len(both))
         assert row.p_value == pytest.approx(ref.pvalue, rel=1e-6) and row.t_stat == pytest.approx(ref.statistic, rel=1e-6)
         assert row.diff == pytest.approx((both[v] - both[b]).mean(), abs=1e-9)
+    # issue 31: the bigram hash on x01 (d_z 6.34): statsmodels' solver says 2 pairs, which have 52% power; 3 are needed
+    on_x01 = fam.iloc[1]
+    d = wide["x01-ve2-bigram"] - wide["x01-ve2"]
+    assert abs(d.mean()) / d.std(ddof=1) == pytest.approx(6.34, abs=0.005)
+    assert S.power_paired(6.34, 2) < 0.8 and on_x01.seeds_needed == 3 and on_x01.plan
 
 
 def test_compare_falls_back_to_welch_and_says_why():

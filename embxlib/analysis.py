@@ -139,3 +139,30 @@ def lambda_figures(lam: pd.DataFrame, variant, out: Path, norms=None) -> list[Pa
         saved.append(plots.save(plots.plot_lambda_trajectories(mine, stream),
                                 out / f"lambdas-trajectory-{slug(variant)}-{stream}"))
     return saved
+
+
+def upstream_claims(val: pd.DataFrame, target: float, out: Path, baseline=None, seeds=None) -> pd.DataFrame:
+    """Claims as upstream decides them, one row per variant, written to out/upstream-claims.md: the record rule
+    (stats.record_ttest at upstream's alpha 0.01 on the final losses), the earliest validation step at which it
+    holds (stats.earliest_record_step: raw, as upstream's rule 5 reads it, and Holm over the steps looked at),
+    and, given a baseline, the earliest step at which the variant's difference from it is significant
+    (stats.significance_by_step, paired by seed where `seeds` (runs.run_settings) pair the runs, Holm over the
+    looks)."""
+    rows = []
+    for variant, g in val.groupby("variant", sort=False):
+        finals = stats.final_points(g)["val_loss"]
+        row = {"variant": variant, "n": len(finals)}
+        if len(finals) > 1:
+            test = stats.record_ttest(finals, target)
+            steps = stats.earliest_record_step(g, target)
+            row.update(p_record=test["p_value"], alpha=test["alpha"], record=test["p_value"] < test["alpha"],
+                       earliest_record_step=steps.attrs["earliest"],
+                       earliest_record_step_holm=steps.attrs["earliest_looks"])
+        if baseline is not None and variant != baseline:
+            by_step = stats.significance_by_step(val, variant, baseline, seeds)
+            row.update(earliest_vs_baseline=by_step.attrs.get("earliest"),
+                       earliest_vs_baseline_raw=by_step.attrs.get("earliest_raw"), looks=by_step.attrs.get("looks"))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    plots.save_table(table, out / "upstream-claims.md")
+    return table

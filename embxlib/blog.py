@@ -109,38 +109,89 @@ def final_table(final) -> str:
     return "\n".join(lines)
 
 
+def _arm_frames(val, selections, baseline, span_fn):
+    # the runs of each selection, the baseline's labelled by its seeds where the selections' baseline runs differ
+    # (a variant with 3 seeds is drawn against the baseline over those 3, never over the baseline's 12)
+    import pandas as pd
+    base_runs = set(val.loc[val["variant"] == baseline, "run"])
+    base_sets = {tuple(sorted(r for r in sel.runs if r in base_runs)) for sel in selections}
+    frames, labels = [], []
+    for sel in selections:
+        part = sel.frame(val)
+        label = baseline
+        if len(base_sets) > 1:
+            label = f"{baseline}, seeds {span_fn(sel.seeds)}" if sel.design == "paired" else f"{baseline} ({sel.variant})"
+            part = part.assign(variant=part["variant"].where(part["variant"] != baseline, label))
+        labels.append(label)
+        frames.append(part)
+    df = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["run", "variant", "step"])
+    order = list(dict.fromkeys(labels + [s.variant for s in selections]))
+    return df.assign(_o=df["variant"].map(order.index)).sort_values(["_o", "run", "step"]).drop(columns="_o")
+
+
 def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str = "std", zoom_from=None,
-               alpha: float = 0.05, root=None, refs: dict | None = None, table: bool = True):
-    """A post section comparing variants with a baseline, computed from the validation table `val`: mean curves
-    per step (all steps and from `zoom_from` on) and per training time, saved as images/<slug>/<prefix>-*.png, and
-    the final-loss table with two-sided Welch tests (stats.compare_to_baseline), each followed by what it shows
-    at level `alpha`, its 95% confidence interval and the runs per arm that would show a difference that size
-    (stats.seeds_needed). refs ({label: loss}) are drawn as reference lines in the full-range figures.
-    table=False: the figures only, for a post that tests its whole family at once (stats.family, family_table).
-    Returns the Markdown to display."""
+               alpha: float = 0.05, root=None, refs: dict | None = None, table: bool = True, selections=None,
+               time_selections=None, diff_selections=None):
+    """A post section comparing variants with a baseline, computed from the validation table `val`, drawing the
+    runs each comparison tests: selections ({variant: stats.Selection}, default stats.select_runs(val, variant,
+    baseline): every run) for the per-step figures, time_selections (default: the same) for the per-time figure.
+    Figures, saved as images/<slug>/<prefix>-*.png: the mean curves per step from `zoom_from` on (the whole range
+    without it; the validation points marked), the per-seed paired differences per step with their 95% CI (for
+    paired selections: what the paired test compares), and the mean curves per training time; each followed by
+    a caption naming the runs drawn and those left out. With table=True, the final-loss table with two-sided Welch
+    tests (stats.compare_to_baseline), each followed by what it shows at level `alpha`, its 95% confidence
+    interval and, for an estimate clear of its noise, the runs per arm that would show a difference that size
+    (stats.seeds_needed); for one inside its noise, the difference these runs would detect. refs ({label: loss})
+    are drawn as reference lines in the full-range figures. diff_selections: the paired comparisons whose per-seed
+    differences the difference figure draws (default: the paired ones of `selections`; a post whose tests compare
+    other pairs than variant vs baseline passes those). table=False: the figures only, for a post that tests
+    its whole family at once (stats.family, family_table). Returns the Markdown to display."""
     import pandas as pd
     from IPython.display import Markdown
 
     from embxlib import plots, stats
 
-    order = [baseline] + [v for v in variants if v != baseline]
-    df = val[val["variant"].isin(order)]
-    df = df.assign(_order=df["variant"].map(order.index)).sort_values(["_order", "run", "step"]).drop(columns="_order")
+    others = [v for v in variants if v != baseline]
+    selections = dict(selections or {})
+    for v in others:
+        if v not in selections:
+            selections[v] = stats.select_runs(val, v, baseline)
+    time_selections = {**selections, **(time_selections or {})}
+    sels = [selections[v] for v in others]
+    tsels = [time_selections[v] for v in others]
+    df = _arm_frames(val, sels, baseline, span)
     last = int(df["step"].max())
-    parts = [figure(plots.plot_val_loss(df, x="step", average=True, band=band, refs=refs), slug, f"{prefix}-step.png",
-                    f"{prefix}: validation loss per step", root).data]
+
+    def caption(chosen):
+        return "*Runs drawn, as tested: " + "; ".join(md_text(sel.caption(span)) for sel in chosen) + ".*"
+
+    parts = []
     if zoom_from is not None:
         parts.append(figure(plots.plot_val_loss(df, x="step", xlim=(zoom_from, last), average=True, band=band), slug,
                             f"{prefix}-step-{zoom_from}-{last}.png", f"{prefix}: steps {zoom_from}-{last}", root).data)
-    parts.append(figure(plots.plot_val_loss(df, x="train_time_s", average=True, band=band, refs=refs), slug,
-                        f"{prefix}-time.png",
-                        f"{prefix}: validation loss per training time", root).data)
+    else:
+        parts.append(figure(plots.plot_val_loss(df, x="step", average=True, band=band, refs=refs), slug,
+                            f"{prefix}-step.png", f"{prefix}: validation loss per step", root).data)
+    paired = [sel for sel in (diff_selections if diff_selections is not None else sels) if sel.design == "paired"]
+    if paired:
+        parts.append(figure(plots.plot_paired_differences(val, paired, x="step", xlim=(
+            zoom_from, last) if zoom_from is not None else None), slug, f"{prefix}-step-diff.png",
+            f"{prefix}: paired differences per step", root).data)
+    parts.append(caption(sels if diff_selections is None else list(dict.fromkeys(sels + list(diff_selections)))))
+    tdf = _arm_frames(val, tsels, baseline, span)
+    parts.append(figure(plots.plot_val_loss(tdf, x="train_time_s", average=True, band=band, refs=refs), slug,
+                        f"{prefix}-time.png", f"{prefix}: validation loss per training time", root).data)
+    if [t.runs for t in tsels] != [s.runs for s in sels]:
+        parts.append(caption(tsels))
     if not table:
         return Markdown("\n\n".join(parts))
-    table = stats.compare_to_baseline(df, baseline, order)
+    table = stats.compare_to_baseline(df, baseline, [baseline] + others)
     cols = [c for c in ("variant", "n", "loss_mean", "loss_std", "diff", "ci_low", "ci_high", "p_two_sided",
                         "seeds_needed", "ms_per_step", "step_time_ratio") if c in table]
-    parts.append(table[cols].assign(variant=table["variant"].map(md_text)).to_markdown(index=False, floatfmt=".4g"))
+    shown = table[cols].assign(variant=table["variant"].map(md_text))
+    if "seeds_needed" in shown:  # post-hoc power on an estimate inside its noise is no plan
+        shown["seeds_needed"] = shown["seeds_needed"].where(table.get("plan", True) == True)  # noqa: E712
+    parts.append(shown.to_markdown(index=False, floatfmt=".4g"))
     lines = []
     for row in table.itertuples():
         if row.variant == baseline or pd.isna(getattr(row, "p_two_sided", None)):
@@ -150,12 +201,22 @@ def comparison(val, variants, baseline: str, slug: str, prefix: str, band: str =
             verdict = f"final loss {'lower' if row.diff < 0 else 'higher'} than {md_text(baseline)} ({ci}; p = {row.p_two_sided:.2g})"
         else:
             verdict = f"no difference from {md_text(baseline)} shown ({ci}; p = {row.p_two_sided:.2f})"
-            if math.isfinite(row.seeds_needed):
-                verdict += (f"; a difference this size would need {int(row.seeds_needed)} runs per arm to show at "
-                            f"p < {alpha} with 80% power")
+        verdict += _need_text(row, "runs per arm", alpha)
         lines.append(f"- **{md_text(row.variant)}** ({row.n} runs vs {table['n'].iloc[0]}): {verdict}.")
     parts.append("\n".join(lines))
     return Markdown("\n\n".join(parts))
+
+
+def _need_text(row, unit: str, alpha: float) -> str:
+    # seeds needed only for an estimate clear of its noise (a plan); for one inside it, what these runs could show
+    if getattr(row, "plan", True) and math.isfinite(row.seeds_needed):
+        return (f"; a difference this size would need about {int(row.seeds_needed)} {unit} to show at p < {alpha} "
+                f"with 80% power")
+    detectable = getattr(row, "detectable", float("nan"))
+    if detectable == detectable:
+        return (f"; the estimate is inside its own noise, so no count of seeds follows from it: these runs would "
+                f"show a difference of {detectable:.4f} or more with 80% power at p < {alpha}")
+    return ""
 
 
 def pval(p: float) -> str:
@@ -177,13 +238,13 @@ def effect_text(row, unit: str = "") -> str:
 def verdict(row, what: str, alpha: float = 0.05, measure: str = "final loss") -> str:
     """What one comparison of a stats.family table supports at family-wise level alpha (Holm): a direction only
     where the adjusted p is below alpha; otherwise what the interval allows and, for the design used, how many
-    seeds a difference of this size would need (at alpha before correction, 80% power)."""
+    seeds a difference of this size would need (at alpha before correction, 80% power), or, for an estimate
+    inside its own noise (its CI holds zero), the difference these seeds would detect."""
     text = effect_text(row)
     if row.reject_holm:
         return f"{what} {'lowers' if row.diff < 0 else 'raises'} the {measure}: {text}"
     unit = "seeds (pairs)" if row.design == "paired" else "runs per arm"
-    need = (f"; a difference this size would need about {int(row.seeds_needed)} {unit} to show at p < {alpha} "
-            f"with 80% power" if math.isfinite(row.seeds_needed) else "")
+    need = _need_text(row, unit, alpha)
     if row.p_value < alpha:
         return (f"{what}: not shown once the family is corrected: {text}; uncorrected it would read as "
                 f"{'lower' if row.diff < 0 else 'higher'}{need}")
@@ -192,17 +253,23 @@ def verdict(row, what: str, alpha: float = 0.05, measure: str = "final loss") ->
 
 def family_table(table) -> str:
     """A stats.family table as markdown: every comparison of the post with its design, effect and 95% CI, t, df,
-    raw and Holm-adjusted p, the correlation of the pairs and the seeds a difference that size would need."""
+    raw and Holm-adjusted p, the correlation of the pairs, the seeds a difference that size would need (only for
+    an estimate clear of its noise: post-hoc power on noise is no plan) and the difference these runs detect with
+    80% power."""
     head = ("| comparison | design | n | difference | 95% CI | t | df | p (raw) | p (Holm) | pair correlation "
-            "| seeds needed |")
-    lines = [head, "|:--|:--|--:|--:|:--|--:|--:|--:|--:|--:|--:|"]
+            "| seeds needed | detectable |")
+    lines = [head, "|:--|:--|--:|--:|:--|--:|--:|--:|--:|--:|--:|--:|"]
     for r in table.itertuples():
         n = f"{r.n_pairs} pairs" if r.design == "paired" else f"{r.n_variant} vs {r.n_baseline}"
         corr = "-" if r.corr != r.corr else f"{r.corr:.2f}"
-        need = "-" if not math.isfinite(r.seeds_needed) else str(int(r.seeds_needed))
+        plan = getattr(r, "plan", True)
+        need = ("-" if not math.isfinite(r.seeds_needed) else str(int(r.seeds_needed)) if plan
+                else "- (in noise)")
+        det = getattr(r, "detectable", float("nan"))
+        det = "-" if det != det else f"{det:.4f}"
         label = getattr(r, "label", f"{r.variant} vs {r.baseline}")
         lines.append(f"| {md_text(label)} | {r.design} | {n} | {r.diff:+.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | "
-                     f"{r.t_stat:.2f} | {r.df:.1f} | {pval(r.p_value)} | {pval(r.p_holm)} | {corr} | {need} |")
+                     f"{r.t_stat:.2f} | {r.df:.1f} | {pval(r.p_value)} | {pval(r.p_holm)} | {corr} | {need} | {det} |")
     return "\n".join(lines)
 
 

@@ -117,15 +117,29 @@ def _near(value: float, ys, share: float = 0.5) -> bool:
     return lo - share * (hi - lo) <= value <= hi + share * (hi - lo)
 
 
+def _validation_points(df: pd.DataFrame, x: str, lo_x: float, hi_x: float, most: int = 30):
+    # the validation steps every run of df logged, inside the zoom, when they are few enough to mark (a curve over
+    # 5 validation points is 4 straight segments: the markers say so); None on a time axis (each run validates at
+    # its own times) or where there are too many to mark
+    if x != "step":
+        return None
+    per_run = df.groupby("run")["step"].apply(set)
+    steps = sorted(set.intersection(*per_run)) if len(per_run) else []
+    steps = [s for s in steps if lo_x <= s <= hi_x]
+    return steps if 0 < len(steps) <= most else None
+
+
 def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = False, band: str = "std",
                   target: float | None = None, n_grid: int = 512, ax=None, title: str | None = None,
-                  refs: dict | None = None) -> Figure:
+                  refs: dict | None = None, markers: bool | None = None) -> Figure:
     """Validation loss against "step" or "train_time_s", one colour per variant, in the table's order.
 
     average=False draws every run; average=True draws each variant's mean over its runs on a common grid with a
     band ("std" or "ci95", see stats.average_runs), labelled "<variant>, mean of <n> runs" (or ", 1 run"). xlim
     zooms in (the y range fits the curves in the zoom, and the target when it is near them); target draws a horizontal line at that loss; refs ({label: loss})
-    draws dotted reference lines (e.g. n-gram losses) that the y range of a zoom does not follow.
+    draws dotted reference lines (e.g. n-gram losses) that the y range of a zoom does not follow. markers (default:
+    where at most 30 validation steps are in view, x = "step") marks the validation points: between them a curve
+    is a straight line, not data. The figure's `embxlib_runs` names the runs it draws (plots.save records them).
     """
     fig, ax = _figure(ax)
     variants = list(pd.unique(df["variant"]))
@@ -140,16 +154,21 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
             n = runs_per_variant[variant]
             ax.plot(curve[x], curve["mean"], color=colors[variant], label=f"{variant}, " + (f"mean of {n} runs" if n > 1
                     else "1 run"))
+            points = _validation_points(df[df["variant"] == variant], x, lo_x, hi_x) if markers is not False else None
+            if points:
+                at = df[(df["variant"] == variant) & df["step"].isin(points)].groupby("step")["val_loss"].mean()
+                ax.plot(at.index, at.to_numpy(), linestyle="none", marker="o", markersize=3.5, color=colors[variant])
             if n > 1:
                 ax.fill_between(curve[x], curve["lo"], curve["hi"], color=colors[variant], alpha=0.2, linewidth=0)
             inside = curve[(curve[x] >= lo_x) & (curve[x] <= hi_x)]
             visible += [inside["lo"], inside["hi"], inside["mean"]]
     else:
         for variant, group in df.groupby("variant", sort=False):
+            few = _validation_points(group, x, lo_x, hi_x) if markers is not False else None
             for i, (_, run) in enumerate(group.groupby("run", sort=False)):
                 run = run.sort_values(x, kind="stable")
-                ax.plot(run[x], run["val_loss"], color=colors[variant], linewidth=1,
-                        label=str(variant) if i == 0 else None)
+                ax.plot(run[x], run["val_loss"], color=colors[variant], linewidth=1, marker="o" if few else None,
+                        markersize=3, label=str(variant) if i == 0 else None)
                 visible.append(run.loc[(run[x] >= lo_x) & (run[x] <= hi_x), "val_loss"])
     if target is not None:
         ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label=f"target {target}")
@@ -165,7 +184,78 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
     _title(ax, title or f"validation loss vs {AXIS_LABELS.get(x, x)}")
     ax.grid(alpha=0.3)
     _outside_legend(ax)
+    fig.embxlib_runs = sorted(map(str, pd.unique(df["run"])))
     return fig
+
+
+def paired_differences(df: pd.DataFrame, selection, x: str = "step", n_grid: int = 256) -> pd.DataFrame:
+    """Per seed of a paired stats.Selection, the variant's loss minus the baseline's on a common grid of x: on
+    "step", the validation steps both runs logged; on "train_time_s", n_grid times up to the end of the pair
+    that ends first (each run interpolated on its own clock). Returns seed, x, diff."""
+    data = selection.frame(df)
+    by = data.groupby(["seed", "variant"], sort=False)
+    rows = []
+    for seed in selection.seeds:
+        a = by.get_group((seed, selection.variant)).sort_values(x)
+        b = by.get_group((seed, selection.baseline)).sort_values(x)
+        if x == "step":
+            grid = np.array(sorted(set(a["step"]) & set(b["step"])), dtype=float)
+        else:
+            end = min(a[x].max(), b[x].max())
+            grid = np.linspace(0, end, n_grid)
+        diff = np.interp(grid, a[x], a["val_loss"]) - np.interp(grid, b[x], b["val_loss"])
+        rows.append(pd.DataFrame({"seed": seed, x: grid, "diff": diff}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def plot_paired_differences(df: pd.DataFrame, selections, x: str = "step", xlim=None, level: float = 0.95,
+                            ax=None, title: str | None = None) -> Figure:
+    """The tested quantity itself: for each paired stats.Selection, the per-seed differences variant - baseline
+    (thin lines) and their mean with its two-sided `level` t interval (band), against step (at the validation
+    steps, marked) or training time (on a grid up to the end of the pair that ends first; the mean where every
+    pair covers the time). A band clear of zero is a difference the paired test would see at that point."""
+    fig, ax = _figure(ax)
+    selections = [s for s in selections if s.design == "paired"]
+    colors = _palette([f"{s.variant} - {s.baseline}" for s in selections])  # one colour per compared pair
+    lo_x, hi_x = xlim if xlim is not None else (-np.inf, np.inf)
+    visible, drawn = [], []
+    for sel in selections:
+        d = paired_differences(df, sel, x)
+        d = d[(d[x] >= lo_x) & (d[x] <= hi_x)]
+        c = colors[f"{sel.variant} - {sel.baseline}"]
+        for _, one in d.groupby("seed", sort=False):
+            ax.plot(one[x], one["diff"], color=c, alpha=0.25, linewidth=0.8)
+            visible.append(one["diff"])
+        if x == "step":
+            wide = d.pivot(index=x, columns="seed", values="diff").dropna()
+        else:
+            grid = np.linspace(max(d[x].min(), lo_x), min(d.groupby("seed")[x].max().min(), hi_x), 256)
+            wide = pd.DataFrame({seed: np.interp(grid, one[x], one["diff"]) for seed, one in d.groupby("seed")},
+                                index=grid)
+        n = wide.shape[1]
+        mean, sd = wide.mean(axis=1), wide.std(axis=1, ddof=1)
+        half = stats_t_half(sd, n, level)
+        ax.plot(wide.index, mean, color=c, linewidth=2, marker="o" if x == "step" else None, markersize=3.5,
+                label=f"{sel.variant} - {sel.baseline}, mean of {n} seeds, {level:.0%} CI")
+        ax.fill_between(wide.index, mean - half, mean + half, color=c, alpha=0.2, linewidth=0)
+        visible += [mean - half, mean + half]
+        drawn += list(sel.runs)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+        _fit_y(ax, visible + [[0.0]])
+    ax.set_xlabel(AXIS_LABELS.get(x, x))
+    ax.set_ylabel("validation loss difference (variant - baseline)")
+    _title(ax, title or f"paired differences per seed vs {AXIS_LABELS.get(x, x)}")
+    ax.grid(alpha=0.3)
+    _outside_legend(ax)
+    fig.embxlib_runs = sorted(set(map(str, drawn)))
+    return fig
+
+
+def stats_t_half(sd, n: int, level: float):
+    from scipy import stats as st
+    return st.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n) if n > 1 else 0 * sd
 
 
 def plot_layer_lambdas(final: pd.DataFrame, streams=None, ylabel: str = "lambda", ax=None,
@@ -261,9 +351,25 @@ def save(fig: Figure, path) -> Path:
     if not path.suffix:
         path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # no "Software" stamp: the same figure gives the same bytes across matplotlib versions' metadata
-    fig.savefig(path, format="png", dpi=120, metadata={"Software": None})
+    # no "Software" stamp: the same figure gives the same bytes across matplotlib versions' metadata; a figure that
+    # names the runs it draws (embxlib_runs) records them in a text chunk "Runs" (figure_runs reads it back), so a
+    # test can hold a post's figure to the runs of its test
+    metadata = {"Software": None}
+    if getattr(fig, "embxlib_runs", None) is not None:
+        import json
+        metadata["Runs"] = json.dumps(list(fig.embxlib_runs))
+    fig.savefig(path, format="png", dpi=120, metadata=metadata)
     return path
+
+
+def figure_runs(path) -> list[str] | None:
+    """The runs a figure saved by `save` draws (its "Runs" text chunk), None for a figure that names none."""
+    import json
+
+    from PIL import Image
+    with Image.open(from_root(path)) as image:
+        text = image.text.get("Runs") if hasattr(image, "text") else None
+    return json.loads(text) if text is not None else None
 
 
 def save_table(table, path) -> Path:

@@ -137,3 +137,27 @@ def bigram_hash(idx: "Tensor", rows: int) -> "Tensor":
     first = torch.full_like(x[..., :1], rows - 1)
     prev = torch.cat([first, x[..., 1:-1]], dim=-1)
     return torch.cat([first, torch.bitwise_xor(a * x[..., 1:], b * prev) % (rows - 1)], dim=-1)
+
+
+def bigram_pair_rows(prev, cur, rows: int):
+    """bigram_hash for given (previous, current) token pairs, in numpy: the row of each pair (int32 products
+    wrapping as upstream's, the modulo non-negative)."""
+    import numpy as np
+    a, b = BIGRAM_MULTIPLIERS
+    with np.errstate(over="ignore"):
+        h = np.bitwise_xor(np.int32(a) * np.asarray(cur, dtype=np.int32), np.int32(b) * np.asarray(prev, dtype=np.int32))
+    return np.mod(h.astype(np.int64), rows - 1)
+
+
+def bigram_row_sharing(tokens, rows: int) -> dict:
+    """How far "a learned vector for every pair" holds on a text: its distinct adjacent pairs, the rows they hash
+    to, and the share of pairs that share their row with another pair of the text (a collision: the row learns a
+    mix of both). Returns pairs, rows_used, shared_pairs, share."""
+    import numpy as np
+    t = np.asarray(tokens, dtype=np.int64)
+    pairs = np.unique(t[:-1] * 65536 + t[1:])
+    r = bigram_pair_rows(pairs // 65536, pairs % 65536, rows)
+    used, counts = np.unique(r, return_counts=True)
+    shared = int(counts[counts > 1].sum())
+    return {"pairs": int(len(pairs)), "rows_used": int(len(used)), "shared_pairs": shared,
+            "share": shared / len(pairs) if len(pairs) else float("nan")}

@@ -81,17 +81,63 @@ def test_comparison_section(tmp_path):
     val = pd.DataFrame(rows)
     md = blog.comparison(val, ["better", "same"], "base", "demo", "cmp", zoom_from=50, root=tmp_path,
                          refs={"bigram": 3.5}).data
-    for name in ("cmp-step.png", "cmp-step-50-100.png", "cmp-time.png"):
+    for name in ("cmp-step-50-100.png", "cmp-time.png"):  # the zoom replaces the full-range step figure
         assert (tmp_path / "images" / "demo" / name).is_file() and f"images/demo/{name}" in md
+    assert not (tmp_path / "images" / "demo" / "cmp-step.png").exists()
+    assert "*Runs drawn, as tested: better vs base: all runs of both arms (6)" in md
     from scipy import stats as st
     ci = st.ttest_ind(finals["better"], finals["base"], equal_var=False).confidence_interval(0.95)
     assert f"**better** (3 runs vs 3): final loss lower than base (mean difference -0.2000, 95% CI [{ci.low:+.4f}, " in md
     assert "**same** (3 runs vs 3): no difference from base shown (mean difference +0.0033" in md
-    # d = 0.00333 / pooled sd 0.00890 = 0.375; normal approximation 2 (1.96 + 0.84)^2 / d^2 = 112, the t test a run more
-    assert "would need 113 runs per arm" in md
+    # the estimate +0.0033 is inside its noise (CI holds 0): no seed count is printed as a plan for it, but the
+    # difference these 3 + 3 runs detect: d = 3.07 for n = 3 per arm (TTestIndPower), times the pooled SD 0.0089
+    assert "would need 113 runs per arm" not in md and "inside its own noise" in md
+    from statsmodels.stats.power import TTestIndPower
+    sd = np.sqrt((np.var(finals["same"], ddof=1) + np.var(finals["base"], ddof=1)) / 2)
+    assert f"difference of {TTestIndPower().solve_power(nobs1=3, alpha=0.05, power=0.8) * sd:.4f} or more" in md
     table_line = next(line for line in md.splitlines() if line.startswith("| better"))
     assert "1.2" in table_line  # 1.2x the baseline's ms per step
     assert np.isclose(float(table_line.split("|")[5]), np.mean(finals["better"]) - np.mean(finals["base"]))
+    from embxlib import plots
+    assert set(plots.figure_runs(tmp_path / "images" / "demo" / "cmp-time.png")) == set(val["run"])
+
+
+def test_comparison_draws_the_runs_its_test_uses(tmp_path):
+    """A variant with 3 of the baseline's 6 seeds is drawn against the baseline over those 3; a run its test leaves
+    out (a stalled clock) is left out of the per-time figure with its partner, and the captions say so."""
+    import numpy as np
+    import pandas as pd
+    from embxlib import plots, stats
+    rows, sources = [], []
+    for variant, seeds in (("base", range(6)), ("new", range(3))):
+        for seed in seeds:
+            src = f"{variant}{seed}"
+            sources.append((src, seed))
+            for step in (0, 50, 100, 150):
+                loss = 6.0 - 0.01 * step - (0.05 if variant == "new" else 0) - 0.02 * seed
+                rows.append(dict(run=src, source=src, variant=variant, step=step, val_loss=loss,
+                                 train_time_s=step * (5.0 if src == "base0" and step == 150 else 1.0)))
+    val = pd.DataFrame(rows)
+    seeds = pd.DataFrame(sources, columns=["source", "seed"])
+    sel = stats.select_runs(val, "new", "base", seeds)
+    assert sel.design == "paired" and sel.seeds == (0, 1, 2) and set(sel.runs) == {"new0", "new1", "new2", "base0",
+                                                                                    "base1", "base2"}
+    stalled = stats.clock_stalls(val, factor=1.5)
+    assert list(stalled.loc[stalled["stalled"], "run"]) == ["base0"]
+    timed = stats.select_runs(val, "new", "base", seeds, exclude={"base0": "stalled clock"})
+    assert timed.seeds == (1, 2) or timed.design == "Welch"
+    timed = stats.select_runs(val, "new", "base", seeds, exclude={"base0": "stalled clock"}, min_pairs=2)
+    assert timed.seeds == (1, 2) and dict(timed.left_out)["new0"].startswith("the other arm's run of its seed")
+    md = blog.comparison(val, ["new"], "base", "demo", "sel", zoom_from=50, root=tmp_path,
+                         selections={"new": sel}, time_selections={"new": timed}).data
+    images = tmp_path / "images" / "demo"
+    assert set(plots.figure_runs(images / "sel-step-50-150.png")) == set(sel.runs)
+    assert set(plots.figure_runs(images / "sel-step-diff.png")) == set(sel.runs)
+    assert set(plots.figure_runs(images / "sel-time.png")) == set(timed.runs)  # base0 and its partner left out
+    assert "both arms over seeds 0-2; left out: 3 runs (no run of the other arm at its seed)" in md
+    assert "both arms over seeds 1-2; left out: 1 run (stalled clock)" in md
+    d = plots.paired_differences(val, sel, "step")
+    assert np.allclose(d["diff"], -0.05)
 
 
 def test_span_runs_per_variant_data_end():
@@ -197,3 +243,50 @@ def test_a_post_notebook_opened_in_nbs_works_from_the_repository_root(monkeypatc
     monkeypatch.chdir(ROOT / "tests")  # anywhere else (e.g. blog.render's own root): left alone
     blog.work_from_root()
     assert Path.cwd() == ROOT / "tests"
+
+
+def test_cpu_scale_figures_draw_the_runs_their_tests_compare():
+    """The figures of the cpu_scale post record the runs they draw (plots.figure_runs): a per-time figure of the
+    study draws no run whose stalled clock its test leaves out, and a figure of a variant run on fewer seeds than
+    the baseline draws the baseline over the variant's seeds only, never averaging in runs its paired test does
+    not compare. Fails when a figure averages a run its test excluded."""
+    import warnings
+
+    import nbformat as nbf
+
+    from embxlib import plots, runs, stats
+    params = {}
+    exec(nbf.read(ROOT / "nbs" / "blog_cpu_scale.ipynb", 4).cells[0].source, {}, params)
+    images = ROOT / "images" / "cpu_scale"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = {"first": params["inputs"], "study": params["study_inputs"]}
+        data = {k: (runs.load_runs(v), runs.run_settings(v)) for k, v in groups.items()}
+    study_val = data["study"][0]
+    stalled = set(stats.clock_stalls(study_val, factor=params["stall_factor"]).query("stalled")["run"])
+    assert stalled, "the study has the stalled run its per-time tests leave out"
+    for name in ("bigram-time.png", "ve-gates-time.png"):
+        drawn = set(plots.figure_runs(images / name))
+        assert drawn and not drawn & stalled, name
+
+    def arms(which, drawn):
+        val, settings = data[which]
+        info = val[val["run"].isin(drawn)].groupby("run")[["variant", "source"]].first()
+        info["seed"] = info["source"].map(settings.set_index("source")["seed"])
+        return info.groupby("variant")["seed"].apply(set)
+
+    checked = 0
+    for png in sorted(images.glob("*.png")):
+        drawn = plots.figure_runs(png)
+        if drawn is None:  # every loss figure names its runs; only the lambda figures do not
+            assert png.name.startswith("x01-lambdas"), png.name
+            continue
+        which = "study" if png.name.startswith(("bigram", "ve-gates")) else "first"
+        seeds = arms(which, set(drawn))
+        base = params["baseline"] if params["baseline"] in seeds else "x01-ve2"  # token lambdas on x01: x01's
+        others = [v for v in seeds.index if v != base]
+        if base in seeds and others:
+            variant_seeds = set().union(*(seeds[v] for v in others))
+            assert seeds[base] <= variant_seeds, (png.name, seeds.to_dict())
+            checked += 1
+    assert checked >= 5

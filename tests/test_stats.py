@@ -78,7 +78,7 @@ def test_seed_000_end_to_end_from_the_published_t_test_file():
     assert finals["step"].eq(5690).all()
     assert finals["val_loss"].tolist() == SEED000_LOSSES
     assert finals["train_time_s"].tolist() == pytest.approx(SEED000_TIMES, abs=1e-9)
-    assert_same(record_ttest(finals["val_loss"]), SEED000_TTEST)
+    assert_same(record_ttest(finals["val_loss"], alpha=0.05), SEED000_TTEST)
     row = final_stats(select(load_runs(X0 / "t-test-results.md"), ["692"])).iloc[0]
     assert row["n"] == 19 and row["p_value"] == pytest.approx(SEED000_TTEST["p_value"], rel=1e-9)
     assert row["time_s_mean"] == pytest.approx(SEED000_TIME_STATS["mean"], rel=1e-12)
@@ -373,6 +373,11 @@ def test_the_study_paired_by_seed_from_the_sweeps_own_tables():
         assert (row.variant, row.baseline, row.design, row.n_pairs) == (v, b, "paired", len(both))
         assert row.p_value == pytest.approx(ref.pvalue, rel=1e-6) and row.t_stat == pytest.approx(ref.statistic, rel=1e-6)
         assert row.diff == pytest.approx((both[v] - both[b]).mean(), abs=1e-9)
+    # issue 31: the bigram hash on x01 (d_z 6.34): statsmodels' solver says 2 pairs, which have 52% power; 3 are needed
+    on_x01 = fam.iloc[1]
+    d = wide["x01-ve2-bigram"] - wide["x01-ve2"]
+    assert abs(d.mean()) / d.std(ddof=1) == pytest.approx(6.34, abs=0.005)
+    assert S.power_paired(6.34, 2) < 0.8 and on_x01.seeds_needed == 3 and on_x01.plan
 
 
 def test_compare_falls_back_to_welch_and_says_why():
@@ -528,3 +533,136 @@ def test_past_reference_by_hand():
     assert table.loc["a", "gap_mean"] == pytest.approx(0.3)
     assert (table.loc["a", "ci_low"], table.loc["a", "ci_high"]) == pytest.approx((0.3 - half, 0.3 + half))
     assert table.loc["a", "n_below"] == 3 and table.loc["b", "n_below"] == 0 and np.isnan(table.loc["b", "ci_low"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# claims as upstream decides them (issue 31): the record rule at its defaults, the optimization track's z-rule
+# and pairwise rule, the earliest significant step; seeds needed that verify their own power
+
+RECORD18 = ROOT / "published" / "modded-nanogpt-logs" / "2025-12-31_BulkSmallTrackTransfer"
+
+
+def test_record_rule_defaults_reproduce_record_18_and_the_x01_record():
+    from embxlib.stats import RECORD_ALPHA
+    assert RECORD_ALPHA == 0.01  # upstream's README: p < 0.01
+    # record 18's README: losses [2.9165, 2.9166], ttest_1samp(..., 2.92, alternative="less") -> "p=0.0046"
+    finals = final_points(load_runs([RECORD18]))
+    assert sorted(finals["val_loss"]) == [2.9165, 2.9166] and set(finals["step"]) == {4740}
+    r18 = record_ttest(finals["val_loss"])
+    assert f"{r18['p_value']:.4f}" == "0.0046" and r18["alpha"] == 0.01 and r18["decision"].startswith("REJECT")
+    # the x01 record's 19 runs (set 692): p = 3.59e-4, t = -4.07 (the pull request's numbers)
+    x01 = record_ttest(final_points(select(load_runs(X0 / "t-test-results.md"), ["692"]))["val_loss"])
+    assert f"{x01['p_value']:.2e}" == "3.59e-04" and f"{x01['t_stat']:.2f}" == "-4.07" and x01["alpha"] == 0.01
+    # the bound is one-sided at 1 - alpha: at 0.01 it is wider than at 0.05, still below 2.92
+    assert SEED000_TTEST["upper_conf_bound_mean"] < x01["upper_conf_bound_mean"] < 2.92
+
+
+def test_z_rule_as_the_optimization_track_states_it():
+    from embxlib.stats import z_rule
+    # "for a single non-cherry-picked run, any val loss below 3.276 suffices, and for n=4 runs, any average below
+    # 3.278 suffices"
+    assert z_rule([3.2759])["passes"] and not z_rule([3.2761])["passes"]
+    assert z_rule([3.2779] * 4)["passes"] and not z_rule([3.2781] * 4)["passes"]
+    # 0.004 is 3.09 sigma at sigma 0.0013: p just under .001
+    assert z_rule([3.276])["p_value"] == pytest.approx(scipy_stats.norm.sf(0.004 / 0.0013))
+    assert scipy_stats.norm.sf(0.004 / 0.0013) < 0.0011
+
+
+def test_pairwise_rule_reproduces_the_optimization_track_examples():
+    from embxlib.stats import loss_per_step, pairwise_rule, steps_worth
+    # "Reducing the step count of result #12 by 200 increases the mean loss from 3.2790 (n=20) to 3.2881 (n=8).
+    # This is a gap of 0.0091 across 200 steps, or 0.0045 per 100 steps."
+    per_step = loss_per_step([3.2881], 3125, [3.2790], 3325)
+    assert per_step == pytest.approx(0.0091 / 200) and f"{100 * per_step:.4f}" == "0.0046"  # 0.00455, README 0.0045
+    upstream = 0.0045 / 100  # the README's rounded rate, which its examples use
+    # #11: "0.0014 val loss is worth about 100 * 0.0014/0.0045 = 31 steps"
+    assert round(steps_worth(0.0014, upstream)) == 31
+    # #13 (3210 steps, 3.2785, n=10) vs #11 (3225 steps, 3.2785, n=16): "the LHS is 0.00167"
+    r = pairwise_rule(3.2785, 10, 3210, 3.2785, 16, 3225, upstream)
+    assert f"{r['statistic']:.5f}" == "0.00167" and not r["passes"]
+    assert r["exp_stepbased_loss_diff"] == pytest.approx(0.000675)
+    # #13 vs #8 (3250 steps, 3.2778): "((3.2778 - 3.2785) + (40/100 * 0.0045)) / (1/10 + 1/16)**0.5 = 0.0027"
+    r = pairwise_rule(3.2785, 16, 3210, 3.2778, 10, 3250, upstream)
+    assert f"{r['statistic']:.4f}" == "0.0027" and not r["passes"]
+    # #12 (3325 steps, 3.2790, n=20) vs #6 (3375 steps, 3.2788, n=20): "the LHS ... is 0.00648, above 0.004"
+    r = pairwise_rule(3.2790, 20, 3325, 3.2788, 20, 3375, upstream)
+    assert r["final_loss_diff"] == pytest.approx(-0.0002) and f"{r['statistic']:.5f}" == "0.00648" and r["passes"]
+    # #16 vs #14, both at 3125 steps: 3.2784 (n=8) against 3.2790 (n=4) is "not a statsig difference"
+    assert not pairwise_rule(3.2784, 8, 3125, 3.2790, 4, 3125, upstream)["passes"]
+
+
+def test_curve_slope_is_the_runs_own_loss_per_step():
+    from embxlib.stats import curve_slope
+    rows = [dict(run=f"r{i}", variant="v", step=s, val_loss=3.0 - 0.001 * s * (1 + 0.1 * i), train_time_s=s)
+            for i in range(3) for s in (0, 100, 200)]
+    out = curve_slope(pd.DataFrame(rows)).iloc[0]
+    assert out["loss_per_step"] == pytest.approx(0.0011) and (out["from_step"], out["to_step"]) == (100, 200)
+
+
+def test_earliest_significant_step_with_the_multiple_looks_caveat():
+    from embxlib.stats import earliest_record_step, significance_by_step
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(8):
+        noise = rng.normal(0, 0.01, 5)
+        for i, step in enumerate((0, 25, 50, 75, 100)):
+            base = 4.0 - 0.01 * step + noise[i]
+            rows.append(dict(run=f"b{seed}", variant="b", source=f"b{seed}", step=step, val_loss=base,
+                             train_time_s=step))
+            gap = 0.0005 * step  # the variant pulls away as training goes on
+            rows.append(dict(run=f"v{seed}", variant="v", source=f"v{seed}", step=step,
+                             val_loss=base - gap + rng.normal(0, 0.004), train_time_s=step))
+    df = pd.DataFrame(rows)
+    seeds = pd.DataFrame({"source": [f"{a}{s}" for a in "bv" for s in range(8)], "seed": list(range(8)) * 2})
+    out = significance_by_step(df, "v", "b", seeds, min_step=25)
+    assert list(out["step"]) == [25, 50, 75, 100] and (out["design"] == "paired").all()
+    assert (out["p_looks"] >= out["p_value"]).all() and out.attrs["looks"] == 4
+    assert out.attrs["earliest"] is not None and out.attrs["earliest_raw"] <= out.attrs["earliest"]
+    first = out.set_index("step").loc[out.attrs["earliest"]]
+    assert first["p_looks"] < 0.05 and first["ci_high"] < 0
+    # the record rule step by step on the x01 record's 19 runs: only the last validation (5690) is below 2.92
+    rec = earliest_record_step(select(load_runs(X0 / "t-test-results.md"), ["692"]))
+    assert rec.attrs["earliest"] == 5690 and rec.set_index("step").loc[5690, "p_value"] == pytest.approx(
+        SEED000_TTEST["p_value"])
+
+
+def test_seeds_needed_verify_the_power_of_the_n_they_return():
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    from embxlib.stats import power_paired, power_two_sample, seeds_needed, seeds_needed_paired
+    # the bigram-on-x01 row of the cpu_scale post: d_z 6.34. The solver returns its lower bracket 2, where two pairs
+    # have 52% power; three have 99.7%
+    assert TTestPower().power(effect_size=6.34, nobs=2, alpha=0.05) == pytest.approx(0.518, abs=1e-3)
+    assert seeds_needed_paired(6.34, 1.0) == 3 and seeds_needed_paired(-0.0634, 0.0100) == 3
+    for d in (0.2, 0.5, 1.0, 1.9, 2.5, 3.0, 4.0, 6.34, 12.0, 40.0):
+        n = seeds_needed_paired(d, 1.0)
+        assert power_paired(d, n) >= 0.8 and (n == 2 or power_paired(d, n - 1) < 0.8)
+        m = seeds_needed(d, 1.0)
+        assert power_two_sample(d, m) >= 0.8 and (m == 2 or power_two_sample(d, m - 1) < 0.8)
+        for k in (n, m, 5, 20):  # the power used is statsmodels' wherever statsmodels gives a number
+            for ours, theirs in ((power_paired(d, k), TTestPower().power(effect_size=d, nobs=k, alpha=0.05)),
+                                 (power_two_sample(d, k),
+                                  TTestIndPower().power(effect_size=d, nobs1=k, alpha=0.05, ratio=1.0))):
+                assert np.isnan(theirs) or ours == pytest.approx(theirs, abs=1e-9)
+
+
+def test_post_hoc_power_inside_the_noise_is_no_plan():
+    from embxlib.stats import compare, detectable_effect_paired
+    b = np.array([5.20, 5.25, 5.22, 5.30, 5.27, 5.24])
+    noise = compare(b + np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.012]), b, range(6), range(6))
+    assert noise["ci_low"] < 0 < noise["ci_high"] and not noise["plan"]
+    assert noise["detectable"] == pytest.approx(detectable_effect_paired(noise["sd"], 6))
+    clear = compare(b - 0.05 + np.array([0.001, -0.002, 0.0015, -0.001, 0.002, -0.0012]), b, range(6), range(6))
+    assert clear["ci_high"] < 0 and clear["plan"] and clear["seeds_needed"] == 2
+
+
+def test_repair_clock_retimes_a_stalled_stretch_at_the_runs_median_rate():
+    from embxlib.stats import clock_stalls, repair_clock
+    steps = [0, 50, 100, 150, 200]
+    times = {"ok": [0, 50, 100, 150, 200], "stall": [0, 50, 250, 300, 350]}
+    df = pd.DataFrame([dict(run=r, variant="v", step=s, train_time_s=t, val_loss=5.0 - s / 100)
+                       for r, ts in times.items() for s, t in zip(steps, ts)])
+    fixed = repair_clock(df)
+    assert fixed.loc[fixed["run"] == "stall", "train_time_s"].tolist() == [0, 50, 100, 150, 200]
+    assert fixed.loc[fixed["run"] == "ok", "train_time_s"].tolist() == times["ok"]
+    assert not clock_stalls(fixed)["stalled"].any() and clock_stalls(df)["stalled"].sum() == 1

@@ -109,3 +109,21 @@ def test_bad_stream_settings_are_refused_naming_the_field():
         with pytest.raises(ValueError, match=re.escape(msg)):
             tiny(**kw).validate()
     assert config_module.CHOICES["ve_gates"] == ("off", "x", "x_ve")
+
+
+def test_bigram_row_sharing_counts_pairs_that_share_their_hashed_row():
+    import numpy as np
+    import torch
+
+    from embxlib.streams import bigram_hash, bigram_pair_rows, bigram_row_sharing
+    rows = 1000
+    x = torch.randint(0, 50257, (1, 400), generator=torch.Generator().manual_seed(0))
+    # the numpy hash is the model's: position i >= 2 hashes (x[i-1], x[i])
+    assert (bigram_hash(x, rows)[0, 2:].numpy() == bigram_pair_rows(x[0, 1:-1].numpy(), x[0, 2:].numpy(), rows)).all()
+    tokens = x[0].numpy()
+    out = bigram_row_sharing(tokens, rows)
+    pairs = {(int(a), int(b)) for a, b in zip(tokens[:-1], tokens[1:])}
+    row_of = {p: int(bigram_pair_rows(p[0], p[1], rows)) for p in pairs}
+    counts = np.bincount(list(row_of.values()), minlength=rows)
+    assert out["pairs"] == len(pairs) and out["rows_used"] == int((counts > 0).sum())
+    assert out["shared_pairs"] == sum(1 for r in row_of.values() if counts[r] > 1)

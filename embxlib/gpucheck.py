@@ -364,10 +364,17 @@ class Stopped(Exception):
         self.signum = signum
 
 
+_GOT: list[int] = []  # the first stop signal the check got; acted on where no record is half-made (_stop_point)
+
+
 def _on_signal(signum, frame):
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # one stop: the record below is written whole
-        signal.signal(sig, signal.SIG_IGN)
-    raise Stopped(signum)
+    if not _GOT:
+        _GOT.append(signum)
+
+
+def _stop_point() -> None:
+    if _GOT:
+        raise Stopped(_GOT[0])
 
 
 def _die_with(parent: int) -> None:
@@ -449,6 +456,7 @@ class Check:
         stopped = None
         try:
             while proc.poll() is None:
+                _stop_point()
                 if time.monotonic() - t > timeout:
                     stopped = f"stopped: --budget-s {self.args.budget_s:g} spent after {time.monotonic() - t:.0f} s"
                     self.stop(proc)
@@ -501,16 +509,20 @@ class Check:
         try:
             self.write()
             for i, stage in enumerate(stages):
+                _stop_point()
                 if self.args.hold == f"before:{stage}":  # test hook: wait at this stage boundary (stopped from outside)
                     self.result["holding"] = f"before {stage}"
                     self.write()
-                    time.sleep(3600)
+                    while True:
+                        _stop_point()
+                        time.sleep(0.2)
                 est = STAGE_SECONDS[self.device][stage]
                 if i and est > self.left():  # the first stage always runs, within the budget
                     self.skip(stage, f"needs ~{est} s, {max(self.left(), 0):.0f} s of --budget-s "
                                      f"{self.args.budget_s:g} left")
                     continue
                 self.run_stage(stage)
+            _stop_point()
             self.result["status"] = "finished"
         except Stopped as e:
             done = {r["stage"] for r in self.result["stages"]} | {s["stage"] for s in self.result["skipped"]}

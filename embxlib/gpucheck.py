@@ -71,8 +71,9 @@ STAGES = ("run", "flex_attention", "head_loss", "compiled_model", "compiled_auto
 # seconds each stage is expected to take, its process start included. CUDA (one H100, issue 32's estimate): the run
 # is its compiles (training graph, three Muon shapes, the 262,144-token validation graph, the eager flex pass),
 # 3.5-6 min, + 20 steps at ~1.85 s + two validations; each compile of the small checks ~30-60 s.
+# CPU: measured on 2 shared cores (load ~4-7), 10 tiny steps in bf16 (AVX-512 BF16/AMX).
 STAGE_SECONDS = {"cuda": dict(run=360, flex_attention=60, head_loss=45, compiled_model=90, compiled_autograd=90),
-                 "cpu": dict(run=30, flex_attention=20, head_loss=15, compiled_model=60, compiled_autograd=60)}
+                 "cpu": dict(run=200, flex_attention=20, head_loss=25, compiled_model=60, compiled_autograd=70)}
 BUDGET_S = 450  # default --budget-s: with a stopped stage's STOP_GRACE_S and the process starts, within 8 minutes
 STOP_GRACE_S = 15  # a stopped stage's time to record itself (the trainer writes its summary) before SIGKILL
 CUDA_STEPS = 20
@@ -408,7 +409,8 @@ class Check:
 
     def __init__(self, args, device: str):
         self.args, self.device = args, device
-        self.out = Path(args.out)
+        self.out = Path(args.out).resolve()  # (the stages run in the repository root)
+        args.data = str(Path(args.data).resolve())
         self.stage_dir = self.out / "gpucheck-stages"
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()

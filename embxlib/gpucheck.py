@@ -71,9 +71,9 @@ STAGES = ("run", "flex_attention", "head_loss", "compiled_model", "compiled_auto
 # seconds each stage is expected to take, its process start included. CUDA (one H100, issue 32's estimate): the run
 # is its compiles (training graph, three Muon shapes, the 262,144-token validation graph, the eager flex pass),
 # 3.5-6 min, + 20 steps at ~1.85 s + two validations; each compile of the small checks ~30-60 s.
-# CPU: measured on 2 shared cores (load ~4-7), 10 tiny steps in bf16 (AVX-512 BF16/AMX).
+# CPU: measured on 2 shared cores (load ~4-11), 6 tiny steps in bf16 (AVX-512 BF16/AMX).
 STAGE_SECONDS = {"cuda": dict(run=360, flex_attention=60, head_loss=45, compiled_model=90, compiled_autograd=90),
-                 "cpu": dict(run=200, flex_attention=20, head_loss=25, compiled_model=60, compiled_autograd=70)}
+                 "cpu": dict(run=150, flex_attention=20, head_loss=25, compiled_model=60, compiled_autograd=70)}
 BUDGET_S = 450  # default --budget-s: with a stopped stage's STOP_GRACE_S and the process starts, within 8 minutes
 STOP_GRACE_S = 15  # a stopped stage's time to record itself (the trainer writes its summary) before SIGKILL
 CUDA_STEPS = 20
@@ -85,8 +85,9 @@ def cpu_precision() -> str:
 
 
 def cpu_steps() -> int:
-    """Steps of the tiny run on a CPU: ~2.3 s each in bf16 with AVX-512 BF16/AMX, ~15-20 s in fp32 on AVX2."""
-    return 10 if cpu_bf16_matmul() else 5
+    """Steps of the tiny run on a CPU (> 3: ms/step is timed from step 3): 2.3 s each in bf16 with AVX-512 BF16/AMX on
+    an idle 2-core machine (~25 s at load 11), ~15-20 s in fp32 on AVX2."""
+    return 6 if cpu_bf16_matmul() else 4
 
 
 def plan(device: str = "cuda") -> dict[str, Config]:
@@ -551,7 +552,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench", help="folder for gpu-<device>.json, the run folder and the "
                     "stages' logs")
     ap.add_argument("--steps", type=int, default=None, help=f"training steps of the run (default {CUDA_STEPS} on "
-                    f"CUDA; on a CPU cpu_steps(): 10 with bf16 matrix units, else 5)")
+                    f"CUDA; on a CPU cpu_steps(): 6 with bf16 matrix units, else 4)")
     ap.add_argument("--data", default="data/shakespeare", help="the built bundled corpus")
     ap.add_argument("--cpu", action="store_true", help="the same plan on the CPU at tiny size (what the tests do)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="seconds for the whole check: stages that no "

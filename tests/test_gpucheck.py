@@ -187,7 +187,7 @@ def test_the_cuda_env_is_set_in_one_place_before_torch_is_imported(monkeypatch):
 def test_cpu_mode_picks_steps_and_precision_for_this_cpu(monkeypatch, bf16):
     monkeypatch.setattr(gpucheck, "cpu_bf16_matmul", lambda: bf16)
     precision = "bf16" if bf16 else "fp32"
-    assert gpucheck.cpu_precision() == precision and gpucheck.cpu_steps() == (10 if bf16 else 5)
+    assert gpucheck.cpu_precision() == precision and gpucheck.cpu_steps() == (6 if bf16 else 4)
     assert all(c.precision == precision for c in gpucheck.plan("cpu").values())
     argv = gpucheck.run_argv("cpu", 3, Path("c"), Path("r"))
     assert argv[argv.index("--precision") + 1] == precision and argv[argv.index("--max-steps") + 1] == "3"

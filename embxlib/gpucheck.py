@@ -198,7 +198,7 @@ def check_compiled_autograd(device: str, backward_inside: bool = True) -> dict:
     (through the trainer's set_compile_flags), and what is compiled is forward and backward together. Captures are
     counted by torch._dynamo's counters; ok: at least one backward graph captured and the gradients those of eager.
     backward_inside=False compiles the forward only and calls .backward() on its loss outside, as the trainer and
-    upstream's Record 8 do: nothing is captured and ok is False (tests/test_gpu.py)."""
+    upstream's Record 8 do: nothing is captured and ok is False (tests/test_gpucheck.py)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 

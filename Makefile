@@ -48,6 +48,9 @@ bench: corpus
 blog: corpus
 	$(PY) -m embxlib.blog --all
 
-# On a machine with a GPU and its own torch (no .venv needed there): see embxlib/gpucheck.py
+# On a machine with a GPU and its own torch (no .venv needed there): see embxlib/gpucheck.py. Carry data/shakespeare
+# (~3 MiB, git-ignored); <= 8 min by design (--budget-s 450). Results into $OUT where it is set (a lent machine's
+# folder that comes back), else runs/bench: gpu-<device>.json, gpucheck-run-<date>/, gpucheck-stages/*.log.
+GPU_OUT ?= $(if $(OUT),$(OUT),runs/bench)
 gpu-check:
-	PYTHONPATH=. python3 -m embxlib.gpucheck --out runs/bench
+	PYTHONPATH=. python3 -m embxlib.gpucheck --out $(GPU_OUT)

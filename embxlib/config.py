@@ -107,7 +107,7 @@ class Config:
     # --- compilation (seed 003 compares runs with and without coordinate_descent_tuning) ---
     compile: bool = True  # torch.compile the model (on a CPU too: a tiny step takes 0.7x the eager time)
     coordinate_descent_tuning: bool = False  # torch._inductor.config.coordinate_descent_tuning
-    compiled_autograd: bool = False  # torch._dynamo.config.compiled_autograd (Record 8 had it)
+    compiled_autograd: bool = False  # torch._dynamo.config.compiled_autograd (Record 8 had it), set before compile; it reaches only a backward run inside a compiled call, and the trainer's (as upstream's) runs outside the compiled forward: it captures nothing (tests/test_gpucheck.py)
     warmup_steps: int = 2  # untimed steps on random tokens before training, then the state is restored (compile)
     device: str = "auto"  # auto (cuda if available), cuda or cpu
     attention: str = "auto"  # auto (flex on cuda, sdpa on cpu), flex or sdpa

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 
-# upstream's allocator setting (large, changing activation sizes fragment the default allocator); read at the first
-# CUDA allocation, so set before torch is imported, unless the user chose otherwise
-if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+from .cudaenv import set_cuda_env
+
+set_cuda_env()  # the allocator setting, read at the first CUDA allocation: before torch is imported
 
 import _thread  # noqa: E402
 import argparse  # noqa: E402
@@ -589,8 +588,8 @@ def train(cfg: Config, args, argv: list[str]) -> Path:
         # interrupted write as "unexpected pos")
         if _STOPPED_BY and _STOPPED_BY[0].startswith("stopped by SIG"):
             summary.update(status="stopped", error=_STOPPED_BY[0])
-            message = (f"# STOPPED on rank {D.rank}: {_STOPPED_BY[0]}; --resume {run_dir} continues from its last "
-                       f"checkpoint")
+            message = (f"# STOPPED on rank {D.rank}: {_STOPPED_BY[0]}" + (f"; --resume {run_dir} continues from its "
+                       f"last checkpoint" if cfg.save_checkpoint else ""))
         else:
             error = (_STOPPED_BY[0] if isinstance(e, KeyboardInterrupt) and _STOPPED_BY
                      else f"{type(e).__name__}: {e}")
@@ -755,7 +754,7 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
         lines.add(step, loss, works, train_ms + 1000 * (time.perf_counter() - t0), D)
 
     if stop < N:
-        log.line(f"# stopped at step {stop} of {N} (--max-steps); --resume continues it")
+        log.line(f"# stopped at step {stop} of {N} (--max-steps)" + ("; --resume continues it" * cfg.save_checkpoint))
     target_hit = next(((s, t) for s, v, t in history if v <= cfg.target_val_loss), (None, None))
     summary.update(status="finished" if stop == N else "stopped", **peaks.summary(),
                    final_val_loss=history[-1][1], train_time_ms=train_ms, num_iterations=N, steps=stop,

@@ -303,7 +303,7 @@ def main(argv=None):
         ap.error(f"--variants: unknown {unknown}; allowed: {', '.join(TRAINING_VARIANTS)}")
     if args.no_compile and args.compiled_only:
         ap.error("--no-compile and --compiled-only leave nothing to time")
-    from embxlib.train import keep_freed_memory
+    from embxlib.dist import keep_freed_memory
     keep_freed_memory()  # as train.py does; both models below run in this process, under the same allocator
     result = {}
     if args.only in (None, "training"):

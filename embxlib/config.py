@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .runfolder import check_folder_name
+from .streams import input_streams
 
 # fields that take one of a few values: the CLI offers them as choices, validate() enforces them
 CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "ve_gates": ("off", "x", "x_ve"), "precision": ("bf16", "fp32"),
@@ -264,7 +266,6 @@ class Config:
         if self.ve_gates == "x_ve" and self.ve_gate_dim % 2:
             bad("ve_gate_dim", "x_ve gates read half their channels from x and half from ve: must be even")
         if self.token_lambdas:
-            from .streams import input_streams  # (it imports this module)
             allowed = [s.name for s in input_streams(self)]
             if self.token_lambdas not in allowed:
                 bad("token_lambdas", f"allowed: '' (off) or one of {allowed}")
@@ -545,6 +546,16 @@ def coerce(name: str, value):
     if f is None:
         raise ValueError(f"unknown config field {name!r}")
     return coerce_value(name, value, _field_type(f))
+
+
+def unknown_names(given, allowed) -> str:
+    """'unknown parameter(s) [...] (did you mean ...?)' for the names in given that are not in allowed, or ''."""
+    unknown = sorted(set(given) - set(allowed))
+    if not unknown:
+        return ""
+    close = {u: difflib.get_close_matches(str(u), list(allowed), n=1) for u in unknown}
+    hints = [f"{c[0]!r}" + (f" for {u!r}" if len(unknown) > 1 else "") for u, c in close.items() if c]
+    return f"unknown parameter(s) {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
 
 
 def coerce_value(name: str, value, t):

@@ -31,10 +31,12 @@ from datetime import datetime
 from pathlib import Path
 
 from . import ROOT, at_root
-from .config import Config, add_config_args, build_config, coerce_value, config_differences
-from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, end_torn_line,
-                        read_json, write_atomically, write_json_atomically, write_text_atomically)
-from .train import CHECKPOINT, is_new_run_dir, peek_checkpoint
+from .config import Config, add_config_args, build_config, coerce_value, config_differences, unknown_names
+from .checkpoint import reuse_problem, run_state
+from .runfolder import (FAILURE_CAUSE, RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, clock,
+                        end_torn_line, first_line, move_aside, read_json, record_death, default_run_name,
+                        write_atomically, write_json_atomically, write_text_atomically)
+from .stops import kill_tree, signals_interrupt
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
 STEP = re.compile(r"step:(\d+)/(\d+)(?: val_loss:([\d.]+|nan))?")
@@ -64,16 +66,6 @@ def resolve(params: dict, world_size: int = 1, config=None) -> Config:
 def default_nproc() -> int:
     import torch
     return torch.cuda.device_count() or 1
-
-
-def unknown_names(given, allowed) -> str:
-    """'unknown parameter(s) [...] (did you mean ...?)' for the names in given that are not in allowed, or ''."""
-    unknown = sorted(set(given) - set(allowed))
-    if not unknown:
-        return ""
-    close = {u: difflib.get_close_matches(str(u), list(allowed), n=1) for u in unknown}
-    hints = [f"{c[0]!r}" + (f" for {u!r}" if len(unknown) > 1 else "") for u, c in close.items() if c]
-    return f"unknown parameter(s) {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
 
 
 def check_injected(allowed) -> None:
@@ -121,34 +113,8 @@ def check_settings(s: dict) -> dict:
 
 
 def run_dir_for(cfg: Config, s: dict) -> Path:
-    name = s["run_name"] or f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.name}_s{cfg.seed}"
+    name = s["run_name"] or default_run_name(cfg.name, cfg.seed)
     return at_root(s["runs_root"]) / name
-
-
-def run_state(run_dir: Path) -> str:
-    """new (nothing there but executed notebooks), finished, resumable (a checkpoint), or broken."""
-    if is_new_run_dir(run_dir):
-        return "new"
-    if (read_json(run_dir / "summary.json") or {}).get("status") == "finished":
-        return "finished"
-    return "resumable" if (run_dir / "checkpoint.pt").exists() else "broken"
-
-
-def reuse_problem(run_dir: Path, cfg: Config) -> str:
-    """'' when run_dir holds nothing or a run of exactly cfg; else what differs, from its config.json and its
-    checkpoint's config: a folder reused with another config would silently continue (or report) another run."""
-    if is_new_run_dir(run_dir):
-        return ""
-    wanted = cfg.to_dict()
-    saved = read_json(run_dir / "config.json")
-    diff = config_differences(saved, wanted, "in its config.json") if saved is not None else []
-    ck = peek_checkpoint(run_dir / CHECKPOINT) if not diff and (run_dir / CHECKPOINT).exists() else None
-    if ck and ck.get("config"):
-        diff = config_differences(ck["config"], wanted, f"in its {CHECKPOINT}")
-    if not diff:
-        return ""
-    return (f"{run_dir} holds a run with another config: {'; '.join(diff)}; a folder is reused only for the same "
-            f"config: pick another run_name (or sweep_dir), or move that folder away")
 
 
 # --- the subprocess --------------------------------------------------------------------------------
@@ -233,41 +199,14 @@ def launch(params: dict, echo=print, config=None, node0_state: str | None = None
     return run_dir
 
 
-@contextlib.contextmanager
-def signals_interrupt():
-    """SIGTERM and SIGHUP raise KeyboardInterrupt here (main thread only; an ignored signal stays ignored), so a
-    launcher stopped by kill, Slurm or a closed terminal stops its torchrun tree (which records it) and releases
-    its locks, instead of vanishing and leaving the trainers to notice."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            previous[sig] = signal.signal(sig, interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 PLAIN_EVERY_S = 30  # with progress=False: a step line at least this often besides the validation lines
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def _plain(step: int, total: int, elapsed: float, val_loss: str | None = None, left: float | None = None) -> str:
     """A progress line for a terminal or a notebook without widgets: step, val_loss, elapsed and remaining time."""
-    left = f", about {_clock(left)} left" if left is not None and step < total else ""
+    left = f", about {clock(left)} left" if left is not None and step < total else ""
     loss = f"  val_loss {float(val_loss):.4f}" if val_loss else ""
-    return f"step {step}/{total}{loss}  elapsed {_clock(elapsed)}{left}"
+    return f"step {step}/{total}{loss}  elapsed {clock(elapsed)}{left}"
 
 
 def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
@@ -288,7 +227,7 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
             for line in proc.stdout:
                 con.write(line)
                 tail.append(line.rstrip("\n"))
-                if len(causes) < 8 and _CAUSE.match(line.strip()) and line.strip() not in causes:
+                if len(causes) < 8 and FAILURE_CAUSE.match(line.strip()) and line.strip() not in causes:
                     causes.append(line.strip())
                 m = STEP.search(line)
                 if not m:
@@ -309,58 +248,16 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
                 bar.refresh()
         rc = proc.wait()
     except BaseException:
-        _kill(proc)
+        kill_tree(proc)
         raise
     finally:
         bar.close()
-        _kill(proc)
+        kill_tree(proc)
     if rc != 0:
-        _record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}")
+        record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}")
         raise LaunchError(f"training failed (exit code {rc}): {causes[0] if causes else 'no error line in its output'}"
                           f"; full output in {run_dir / 'console.log'}; errors found there:\n" + "\n".join(causes)
                           + "\n...\nlast lines:\n" + "\n".join(list(tail)[-20:]))
-
-
-def _record_death(run_dir: Path, cause: str) -> None:
-    """A trainer killed by a signal no code can handle (SIGKILL from the OOM killer, SIGBUS) leaves its summary at
-    running; the launcher, which holds the folder's lock, records what torchrun saw."""
-    s = read_json(run_dir / "summary.json")
-    if not s:
-        return
-    part = s if s.get("status") == "running" else s.get("resume") if (s.get("resume") or {}).get("status") == \
-        "running" else None
-    if part is None:
-        return
-    part.update(status="failed", error=f"{cause} (recorded by the launcher: the trainer could not)")
-    try:
-        write_json_atomically(run_dir / "summary.json", s)
-    except OSError as e:
-        print(f"error: could not record the failure in {run_dir / 'summary.json'}: {e}", file=sys.stderr, flush=True)
-
-
-# the lines that say why a run failed: our trainer's own reports, argparse's and main()'s "error:", the last line
-# of a Python traceback, and the signal that killed a rank (torchrun's report, e.g. the kernel's OOM killer)
-_CAUSE = re.compile(r"\[rank \d+\] \w|# FAILED on rank|(?:[\w. -]+: )?error: |(?:\w+\.)*(?!ChildFailedError)\w*"
-                    r"(?:Error|Exception)\b:? |(?:traceback : )?Signal \d+ \(SIG(?!TERM)\w+\) received")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # grandchildren of a finished torchrun, if any
-        except (ProcessLookupError, PermissionError):
-            pass
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def show_run(run_dir: Path, save: bool = True):
@@ -480,27 +377,12 @@ def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="run
     return runs
 
 
-def move_aside(run_dir: Path, echo) -> Path:
-    """A run that crashed before its first checkpoint cannot resume: its folder (logs and all) is kept under a new
-    name, so that the run starts again in an empty one."""
-    aside = run_dir.with_name(f"{run_dir.name}.failed-{datetime.now():%Y%m%d-%H%M%S}")
-    with FolderLock(run_dir, RUN_LOCK, note=echo):  # not while a launcher outside the sweep trains it
-        run_dir.rename(aside)
-    (aside / RUN_LOCK).unlink(missing_ok=True)
-    return aside
-
-
 class SweepFailed(LaunchError):
     """Some runs of a sweep failed; the others ran. table: the summary table, as written to summary.csv."""
 
     def __init__(self, message: str, table):
         super().__init__(message)
         self.table = table
-
-
-def _first_line(e: BaseException) -> str:
-    text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
@@ -527,8 +409,10 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
     with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
         if backend == "slurm":
             from . import slurm as sl
-            errors = sl.sweep(runs, sweep_dir, nproc_per_node, config and at_root(config), sl.check_settings(slurm),
-                              tell, echo)
+            s = sl.check_settings(slurm)
+            cfgs = [resolve(p, nproc_per_node * s["nodes"], config) for _, p in runs]
+            errors = sl.sweep(runs, cfgs, sweep_dir, nproc_per_node, config and at_root(config), s, tell, echo,
+                              launch=launch, show=show_run)
         for i, (name, p) in enumerate(runs if backend == "local" else []):
             run_dir = sweep_dir / name
             state = run_state(run_dir)
@@ -548,12 +432,12 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
                               "runs_root": str(sweep_dir), "resume": True, "nproc_per_node": nproc_per_node,
                               "progress": False}, out)
             except Exception as e:  # noqa: BLE001 (recorded, and raised at the end; Ctrl-C still stops the sweep)
-                errors[name] = _first_line(e)
-                tell(f"[{i + 1}/{len(runs)}] {name}: failed after {_clock(time.time() - started)}: {errors[name]} "
+                errors[name] = first_line(e)
+                tell(f"[{i + 1}/{len(runs)}] {name}: failed after {clock(time.time() - started)}: {errors[name]} "
                      f"(notebook: {out}); going on")
                 continue
             final = (read_json(run_dir / "summary.json") or {}).get("final_val_loss")
-            tell(f"[{i + 1}/{len(runs)}] {name}: finished in {_clock(time.time() - started)}"
+            tell(f"[{i + 1}/{len(runs)}] {name}: finished in {clock(time.time() - started)}"
                  + (f", final val_loss {final:.4f}" if isinstance(final, (int, float)) else ""))
         table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"], errors)
         write_text_atomically(sweep_dir / "summary.csv", table.to_csv(index=False))
@@ -593,7 +477,7 @@ def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", 
     """One run through nbs/run_variant.ipynb with papermill, its printed lines (a plain progress line at every
     validation and at least every 30 s) shown here as they come; the executed notebook stays in the run folder."""
     cfg = resolve(params, 1 if nproc_per_node is None else nproc_per_node, config)  # checked before anything starts
-    run_name = run_name or f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.name}_s{cfg.seed}"
+    run_name = run_name or default_run_name(cfg.name, cfg.seed)
     check_folder_name("run_name", run_name)
     run_dir = at_root(runs_root) / run_name
     shown = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
@@ -603,7 +487,7 @@ def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", 
     run_notebook({**params, "config": config and str(at_root(config)), "run_name": run_name, "runs_root": runs_root,
                   "nproc_per_node": nproc_per_node, "progress": False}, run_dir / "notebook.ipynb", stdout=sys.stdout)
     s = json.loads((run_dir / "summary.json").read_text())
-    print(f"done in {_clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
+    print(f"done in {clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
           f"config.json, log.txt, metrics.jsonl, summary.json, checkpoint.pt, console.log, loss.png, notebook.ipynb")
     other = trained_with(run_dir)
     if other and other != sys.executable:
@@ -675,7 +559,7 @@ def main(argv=None):
             try:
                 run(fields, args.config, args.run_name, args.runs_root, args.nproc_per_node)
             except (FolderLocked, OSError, _notebook_error()) as e:
-                ap.exit(1, f"{ap.prog} run: error: {_first_line(e)}\n")
+                ap.exit(1, f"{ap.prog} run: error: {first_line(e)}\n")
     elif args.cmd == "cancel":
         from .slurm import cancel
         try:

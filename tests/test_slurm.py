@@ -16,7 +16,7 @@ import pytest
 
 from embxlib import launch, slurm
 from embxlib.runfolder import SLURM_RECORD, read_json
-from embxlib.train import CHECKPOINT, peek_checkpoint
+from embxlib.checkpoint import CHECKPOINT, peek_checkpoint
 from conftest import PYTHON, ROOT, python_env
 from slurm_cluster import Cluster, missing
 from test_notebooks import fast_params

@@ -43,7 +43,7 @@ STEP = re.compile(r"step:(\d+)/(\d+)(?: val_loss:([\d.]+|nan))?")
 CONFIG_FIELDS = list(Config.__dataclass_fields__)
 # launch settings of run_variant.ipynb besides the Config fields (defaults; a test keeps the notebook in step)
 LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="", master_port=29500,
-                       run_name="", runs_root="runs", resume=False, progress=True, fail_at_step=-1, fail_rank=0)
+                       run_name="", runs_root="runs", resume=False, progress=True)
 NONE_DEFAULT_TYPES = dict(nproc_per_node=int)  # the type of a launch setting whose default is None
 # parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
 SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="runs/sweep", nproc_per_node=1,
@@ -132,8 +132,6 @@ def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool, con
     else:
         cmd += ["--run-dir", str(run_dir), *(["--config", str(at_root(config))] if config else []),
                 *config_flags(cfg, params)]
-    if s["fail_at_step"] >= 0:
-        cmd += ["--fail-at-step", str(s["fail_at_step"]), "--fail-rank", str(s["fail_rank"])]
     return cmd
 
 

@@ -30,37 +30,26 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+from torch.distributed.elastic.multiprocessing import errors as elastic  # noqa: E402
 
-from .config import Config, add_config_args, config_differences, config_from_args, cpu_bf16_matmul  # noqa: E402
+from . import runfolder  # noqa: E402
+from .checkpoint import CHECKPOINT, check_new_run_dir, load_checkpoint, resume_config, save_checkpoint  # noqa: E402
+from .config import Config, add_config_args, config_from_args, cpu_bf16_matmul  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
+from .dist import Dist, check_device, env, keep_freed_memory, resolve_device, set_compile_flags, share_threads  # noqa: E402
+from .metrics import PeakTracker, StepLines, lambda_record  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers  # noqa: E402
-from .runfolder import (MAX_NAME_BYTES, FolderLocked, RunLog, hold_run_dir, is_new_run_dir,  # noqa: E402
-                        provenance, read_json, step_line)
+from .runfolder import FolderLocked, new_run_dir, provenance, step_line  # noqa: E402
+from .stops import Stops  # noqa: E402
 from .streams import describe_stream, streams  # noqa: E402
-from .checkpoint import CHECKPOINT, check_resume, load_checkpoint, peek_checkpoint, save_checkpoint  # noqa: E402
-from .dist import Dist, check_device, keep_freed_memory, resolve_device, set_compile_flags  # noqa: E402
-from .metrics import PeakTracker, StepLines, lambda_record  # noqa: E402
-from .runfolder import new_run_dir as _new_run_dir  # noqa: E402
-from .stops import StopSignal, Stops  # noqa: E402
-from . import ROOT  # noqa: E402,F401
 
-# re-exported while the callers move to the new homes (dropped at the end of issue 27)
-__all__ = ["CHECKPOINT", "check_resume", "load_checkpoint", "peek_checkpoint", "save_checkpoint", "Dist",
-           "check_device", "keep_freed_memory", "resolve_device", "set_compile_flags", "PeakTracker", "StepLines",
-           "lambda_record", "RunLog", "hold_run_dir", "is_new_run_dir", "provenance", "StopSignal", "ROOT"]
-
-STOPS = Stops()  # this process's stop state (temporary: train() owns it after the loop fold)
-
-
-def new_run_dir(args, cfg: Config) -> Path:
-    return _new_run_dir(args.run_dir, args.runs_root, cfg.name, cfg.seed)
+# re-exported while tests move to the new homes (dropped at the end of issue 27)
+from .checkpoint import peek_checkpoint  # noqa: E402,F401
+from .runfolder import RunLog  # noqa: E402,F401
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -79,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "with its own config.json (no config flags allowed)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (validating and "
                     "checkpointing there; the schedules stay those of num_iterations): a short look at a long run")
-    ap.add_argument("--fail-at-step", type=int, default=-1, help="test-only fault injection: raise at this step")
-    ap.add_argument("--fail-rank", type=int, default=0, help="test-only: the rank that raises")
     add_config_args(ap)
     return ap
 
@@ -88,35 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv=None) -> tuple[argparse.Namespace, Config]:
     ap = build_parser()
     args = ap.parse_args(argv)  # unknown flags and badly typed values exit 2 here
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env().world
     try:
         if args.resume:
             given = [f for f, v in vars(args).items() if v is not None and (f in Config.__dataclass_fields__
                                                                              or f == "config")]
             if given:
                 raise ValueError(f"--resume uses the run's own config.json; drop {['--' + g.replace('_', '-') for g in given]}")
-            cfg_path = Path(args.resume) / "config.json"
-            if not (Path(args.resume) / CHECKPOINT).exists():
-                raise ValueError(f"--resume {args.resume}: no {CHECKPOINT} there to continue from (the run ended "
-                                 f"before its first checkpoint; its logs stay there): start a new run in another "
-                                 f"folder, e.g. --config {cfg_path} --run-dir <new folder>")
-            saved = read_json(cfg_path)
-            if saved is None:
-                raise ValueError(f"--resume {args.resume}: {cfg_path} is missing or unreadable")
-            cfg = Config.from_dict(saved)
-            check_resume(Path(args.resume), cfg, args.max_steps)
+            cfg = resume_config(Path(args.resume), args.max_steps)
         else:
             cfg = config_from_args(args)
-            too_long = [part for part in Path(args.run_dir or "").parts if len(part.encode()) > MAX_NAME_BYTES]
-            if too_long:
-                raise ValueError(f"--run-dir {args.run_dir[:60]!r}...: the folder name {too_long[0][:40]!r}... has "
-                                 f"{len(too_long[0].encode())} bytes; at most {MAX_NAME_BYTES}")
-            if args.run_dir and not is_new_run_dir(Path(args.run_dir)):
-                resumable = (Path(args.run_dir) / CHECKPOINT).exists()
-                raise ValueError(f"--run-dir {args.run_dir} already exists and is not empty; runs are never "
-                                 f"overwritten: choose another folder"
-                                 + (f" or continue it with --resume {args.run_dir}" if resumable else
-                                    f" (it holds no {CHECKPOINT} to resume from)"))
+            check_new_run_dir(args.run_dir)
         if args.max_steps is not None and args.max_steps < 1:
             raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the steps to train up to, at most "
                              f"num_iterations={cfg.num_iterations})")
@@ -154,184 +123,142 @@ def cpu_model() -> str:
 
 # --- training ------------------------------------------------------------------------------------
 
-def train(cfg: Config, args, argv: list[str]) -> Path:
+def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
+    # --- setup: device, process group, data, run folder ----------------------------------------------
     device = resolve_device(cfg)
     D = Dist(device)
-    accum = cfg.grad_accum_steps(D.world)
-    val_steps = cfg.val_steps(D.world)
+    accum, val_steps = cfg.grad_accum_steps(D.world), cfg.val_steps(D.world)
     train_files, val_files = shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val")
     resume = args.resume is not None
-    run_dir = Path(args.resume) if resume else D.broadcast_object(new_run_dir(args, cfg) if D.rank == 0 else None)
-    lock = hold_run_dir(run_dir) if D.rank == 0 else None
-    log = RunLog(run_dir, D.rank == 0)
-    crash_to_log = log.fatal_errors_to_log()  # SIGBUS (a shard truncated under its memmap), SIGSEGV: in log.txt
-    if resume:
-        log.resume()
-    summary = dict(status="running", run_dir=str(run_dir), name=cfg.name, preset=cfg.preset, seed=cfg.seed)
-    log.write_summary(summary)  # a run killed from outside still says it never finished
+    run_dir = Path(args.resume) if resume else D.broadcast_object(
+        new_run_dir(args.run_dir, args.runs_root, cfg.name, cfg.seed) if D.rank == 0 else None)
     try:
-        if STOPS.signal is not None:  # a signal that came while the folder was being set up
-            raise StopSignal(STOPS.signal)
-        if resume:
-            log.line(f"# resumed from {CHECKPOINT} with world_size {D.world}")
-        else:
-            log.write_json("config.json", cfg.to_dict())
-            commit = provenance(run_dir) if D.rank == 0 else ""
-            for s in header_lines(cfg, argv, D.world, accum, device, commit):
-                log.line(s, console=False)
-            log.line("data: " + check_enough_data(train_files, val_files, cfg, D.world), console=False)
-        summary = _train_loop(cfg, args, D, device, accum, val_steps, train_files, val_files, run_dir, log, summary)
-    except BaseException as e:  # keep what we have, say what happened, then fail loudly
-        STOPS.armed = False  # from here on a signal is noted, not raised: the record below is written whole
-        # a stop from outside is what happened, also when it surfaced as another error (torch.save reports an
-        # interrupted write as "unexpected pos")
-        if STOPS.by_signal():
-            summary.update(status="stopped", error=STOPS.reason)
-            message = (f"# STOPPED on rank {D.rank}: {STOPS.reason}; --resume {run_dir} continues from its last "
-                       f"checkpoint")
-        else:
-            error = (STOPS.reason if isinstance(e, KeyboardInterrupt) and STOPS.reasons
-                     else f"{type(e).__name__}: {e}")
-            summary.update(status="failed", error=error)
-            message = f"# FAILED on rank {D.rank}: {error}"
-        try:
-            log.line(message)
-        except OSError as le:  # the disk that failed the run may refuse this line too; the summary below says it
-            print(f"error: could not write {run_dir / 'log.txt'}: {le}; {message[2:]}", file=sys.stderr, flush=True)
-        if D.rank != 0:
-            print(f"[rank {D.rank}] {message[2:]}", file=sys.stderr, flush=True)
-        if summary["status"] == "failed":
-            traceback.print_exc()
-        raise
-    finally:
-        STOPS.armed = False
-        try:
-            log.write_summary_or_say_so(summary)
-        finally:
-            crash_to_log()
-            log.close()
-            if lock is not None:
-                lock.release()
-            D.close()  # last: with a peer gone it may wait; the record and the lock are done by then
-    return run_dir
+        with runfolder.record(run_dir, D.rank, stops, resume, name=cfg.name, preset=cfg.preset, seed=cfg.seed) as log:
+            if resume:
+                log.line(f"# resumed from {CHECKPOINT} with world_size {D.world}")
+            else:
+                log.write_json("config.json", cfg.to_dict())
+                commit = provenance(run_dir) if D.rank == 0 else ""
+                for s in header_lines(cfg, argv, D.world, accum, device, commit):
+                    log.line(s, console=False)
+                log.line("data: " + check_enough_data(train_files, val_files, cfg, D.world), console=False)
 
+            # --- model, optimizers, data stream: the same start on every rank --------------------------
+            set_compile_flags(cfg)
+            torch.manual_seed(cfg.seed)
+            model = GPT(cfg).to(device)
+            for p in model.parameters():
+                D.broadcast(p.data)
+            num_params = sum(p.numel() for p in model.parameters())
+            adam, muon = build_optimizers(model, cfg, D.rank, D.world)
+            fwd = torch.compile(model, dynamic=False) if cfg.compile else model
+            stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world, accum, repeat=cfg.repeat_data,
+                                 order_seed=cfg.seed if cfg.shuffle_data else None)
+            N = cfg.num_iterations
+            stop = N if args.max_steps is None else min(N, args.max_steps)
 
-def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_files, run_dir, log, summary):
-    set_compile_flags(cfg)
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(device)
-    for p in model.parameters():  # identical start on every rank
-        if D.on:
-            D.broadcast(p.data)
-    num_params = sum(p.numel() for p in model.parameters())
-    adam, muon = build_optimizers(model, cfg, D.rank, D.world)
-    fwd = torch.compile(model, dynamic=False) if cfg.compile else model
-    stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world, accum, repeat=cfg.repeat_data,
-                         order_seed=cfg.seed if cfg.shuffle_data else None)
-    step, train_ms, history = 0, 0.0, []
-    if args.resume:
-        ck = load_checkpoint(run_dir / CHECKPOINT, device)
-        model.load_state_dict(ck["model"])
-        adam.load_state_dict(ck["adam"])
-        muon.load_state_dict(ck["muon"])
-        stream.load_state_dict(ck["stream"])
-        step, train_ms = ck["step"], ck["train_time_ms"]
-        # the step is validated again when it is a validation step or the end (its new record then replaces the
-        # old from there on); a --max-steps stop between validations keeps its record
-        end = cfg.num_iterations if args.max_steps is None else min(cfg.num_iterations, args.max_steps)
-        again = step % cfg.val_loss_every == 0 or step >= end
-        history = [h for h in ck["history"] if h[0] < step or not again]
-        log.replace_from = step if again else step + 1
+            # --- resume: the checkpoint's state; its step is validated again when it is a validation step or
+            # the end (the new record then replaces the old from there on), a --max-steps stop keeps its record
+            step, train_ms, history = 0, 0.0, []
+            if resume:
+                ck = load_checkpoint(run_dir / CHECKPOINT, device)
+                model.load_state_dict(ck["model"])
+                adam.load_state_dict(ck["adam"])
+                muon.load_state_dict(ck["muon"])
+                stream.load_state_dict(ck["stream"])
+                step, train_ms = ck["step"], ck["train_time_ms"]
+                again = step % cfg.val_loss_every == 0 or step >= stop
+                history = [h for h in ck["history"] if h[0] < step or not again]
+                log.replace_from = step if again else step + 1
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            windows: dict[int, torch.Tensor] = {}
 
-    windows: dict[int, torch.Tensor] = {}
+            def window(step_idx) -> torch.Tensor:  # a tensor per window size: the compiled forward never recompiles
+                w = window_blocks(step_idx, cfg)
+                if w not in windows:  # from pinned memory, as upstream: a pageable copy would wait for the GPU
+                    windows[w] = torch.tensor(w, dtype=torch.int32, pin_memory=device.type == "cuda").to(
+                        device, non_blocking=True)
+                return windows[w]
 
-    def window(step_idx) -> torch.Tensor:  # a tensor per window size: the compiled forward never recompiles for it
-        w = window_blocks(step_idx, cfg)
-        if w not in windows:  # from pinned memory, as upstream: a pageable copy would wait for the GPU
-            pinned = torch.tensor(w, dtype=torch.int32, pin_memory=device.type == "cuda")
-            windows[w] = pinned.to(device, non_blocking=True)
-        return windows[w]
+            def step_fn(step_idx, batches):
+                return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum)
 
-    def step_fn(step_idx, batches):
-        return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum)
+            # --- warmup: let torch.compile see every shape on random tokens, then forget the steps -------
+            warm = cfg.compile and cfg.warmup_steps and not resume  # without compile: nothing to warm up
+            if cfg.compile:  # minutes on a CPU before the first step line: say what is happening
+                log.line("# compiling the model (torch.compile)"
+                         + (f" and warming up: {cfg.warmup_steps} untimed step{'s' * (cfg.warmup_steps != 1)} on "
+                            "random tokens" if warm else "")
+                         + "; the first validation compiles its own graph; on a CPU this takes minutes before the "
+                           "first step")
+            if warm:
+                state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict()))
+                for i in range(cfg.warmup_steps):
+                    # contiguous like the stream's batches: a slice's strides would make the first real step recompile
+                    x, y = (torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len), device=device) for _ in range(2))
+                    D.wait(step_fn(i, [(x.int(), y.long())] * accum)[1])
+                    log.line(f"Warmup step {i + 1}/{cfg.warmup_steps}")
+                model.load_state_dict(state["model"])
+                adam.load_state_dict(state["adam"])
+                muon.load_state_dict(state["muon"])
+                del state
 
-    if cfg.compile:  # minutes on a CPU before the first step line: say what is happening
-        warm = cfg.warmup_steps and not args.resume
-        log.line("# compiling the model (torch.compile)"
-                 + (f" and warming up: {cfg.warmup_steps} untimed step{'s' * (cfg.warmup_steps != 1)} on random "
-                    "tokens" if warm else "")
-                 + "; the first validation compiles its own graph; on a CPU this takes minutes before the first step")
-    # without compile there is nothing to warm up: the steps would only cost time
-    if cfg.compile and cfg.warmup_steps and not args.resume:  # let torch.compile see every shape, then forget them
-        state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict()))
-        for i in range(cfg.warmup_steps):
-            # contiguous like the stream's batches: a slice's strides would make the first real step recompile
-            x, y = (torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len), device=device) for _ in range(2))
-            D.wait(step_fn(i, [(x.int(), y.long())] * accum)[1])
-            log.line(f"Warmup step {i + 1}/{cfg.warmup_steps}")
-        model.load_state_dict(state["model"])
-        adam.load_state_dict(state["adam"])
-        muon.load_state_dict(state["muon"])
-        del state
-
-    N = cfg.num_iterations
-    stop = N if args.max_steps is None else min(N, args.max_steps)
-    tokens_per_step = cfg.train_batch_tokens
-    peaks = PeakTracker(device)  # (after warmup, as upstream: its state copy is not part of a training step)
-    lines = StepLines(log, N, device, run_dir)
-    sync()
-    t0 = time.perf_counter()
-    while True:
-        last = step >= stop  # (a resume never starts past stop: parse() refuses it)
-        if last or step % cfg.val_loss_every == 0:
-            lines.flush()  # every train loss read (finite, or the run stops) before the clock stops
+            # --- the loop: validate, checkpoint, step ----------------------------------------------------
+            peaks = PeakTracker(device)  # (after warmup, as upstream: its state copy is not part of a step)
+            lines = StepLines(log, N, device, run_dir)
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            peaks.end("train")
-            val_loss, norms = evaluate(model, fwd, cfg, val_files, val_steps, D, device, window(step))
-            peaks.end("val")
-            history.append((step, val_loss, train_ms))
-            log.line(step_line(step, N, train_ms, val_loss=val_loss))
-            log.metrics(dict(step=step, val_loss=val_loss, train_time_ms=round(train_ms, 3),
-                             lambdas=lambda_record(model), norms=norms))
-            if not math.isfinite(val_loss):
-                raise FloatingPointError(f"non-finite val_loss {val_loss} at step {step}; logs kept in {run_dir}")
             t0 = time.perf_counter()
-        if cfg.save_checkpoint and (last or (cfg.save_every and step and step % cfg.save_every == 0)):
-            lines.flush()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            muon.gather_state()  # (collective: every rank) the momenta and mantissas each rank keeps for its own matrices
-            save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg)
-            muon.drop_foreign_state()
-            t0 = time.perf_counter()
-        if last:
-            break
-        if step == args.fail_at_step and D.rank == args.fail_rank:
-            raise RuntimeError(f"injected fault at step {step} on rank {D.rank} (--fail-at-step)")
-        epoch = stream.epoch
-        loss, works = step_fn(step, [stream.next(device) for _ in range(accum)])
-        if stream.epoch != epoch:
-            log.line(f"# data: epoch {stream.epoch + 1} of the training shards starts at step {step + 1} (repeat_data)")
-        step += 1
-        lines.add(step, loss, works, train_ms + 1000 * (time.perf_counter() - t0), D)
+            while True:
+                last = step >= stop  # (a resume never starts past stop: parse() refuses it)
+                if last or step % cfg.val_loss_every == 0:
+                    lines.flush()  # every train loss read (finite, or the run stops) before the clock stops
+                    sync()
+                    train_ms += 1000 * (time.perf_counter() - t0)
+                    peaks.end("train")
+                    val_loss, norms = evaluate(model, fwd, cfg, val_files, val_steps, D, device, window(step))
+                    peaks.end("val")
+                    history.append((step, val_loss, train_ms))
+                    log.line(step_line(step, N, train_ms, val_loss=val_loss))
+                    log.metrics(dict(step=step, val_loss=val_loss, train_time_ms=round(train_ms, 3),
+                                     lambdas=lambda_record(model), norms=norms))
+                    if not math.isfinite(val_loss):
+                        raise FloatingPointError(f"non-finite val_loss {val_loss} at step {step}; logs kept in {run_dir}")
+                    t0 = time.perf_counter()
+                if cfg.save_checkpoint and (last or (cfg.save_every and step and step % cfg.save_every == 0)):
+                    lines.flush()
+                    train_ms += 1000 * (time.perf_counter() - t0)
+                    muon.gather_state()  # (collective: every rank) the momenta and mantissas each rank keeps
+                    save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg)
+                    muon.drop_foreign_state()
+                    t0 = time.perf_counter()
+                if last:
+                    break
+                epoch = stream.epoch
+                loss, works = step_fn(step, [stream.next(device) for _ in range(accum)])
+                if stream.epoch != epoch:
+                    log.line(f"# data: epoch {stream.epoch + 1} of the training shards starts at step {step + 1} "
+                             f"(repeat_data)")
+                step += 1
+                lines.add(step, loss, works, train_ms + 1000 * (time.perf_counter() - t0), D)
 
-    if stop < N:
-        log.line(f"# stopped at step {stop} of {N} (--max-steps); --resume continues it")
-    target_hit = next(((s, t) for s, v, t in history if v <= cfg.target_val_loss), (None, None))
-    summary.update(status="finished" if stop == N else "stopped", **peaks.summary(),
-                   final_val_loss=history[-1][1], train_time_ms=train_ms, num_iterations=N, steps=stop,
-                   target_val_loss=cfg.target_val_loss, step_to_target=target_hit[0], time_to_target_ms=target_hit[1],
-                   num_params=num_params, tokens_per_step=tokens_per_step,
-                   tokens_per_s=stop * tokens_per_step / (train_ms / 1000) if train_ms else None,
-                   world_size=D.world, grad_accum_steps=accum, device=str(device), data_epochs=stream.epoch)
-    if device.type == "cuda":
-        log.line(f"peak memory allocated: {max(peaks.peak.values()) // 2**20} MiB "
-                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return summary
+            # --- summary ---------------------------------------------------------------------------------
+            if stop < N:
+                log.line(f"# stopped at step {stop} of {N} (--max-steps); --resume continues it")
+            target_hit = next(((s, t) for s, v, t in history if v <= cfg.target_val_loss), (None, None))
+            log.summary.update(
+                status="finished" if stop == N else "stopped", **peaks.summary(), final_val_loss=history[-1][1],
+                train_time_ms=train_ms, num_iterations=N, steps=stop, target_val_loss=cfg.target_val_loss,
+                step_to_target=target_hit[0], time_to_target_ms=target_hit[1], num_params=num_params,
+                tokens_per_step=cfg.train_batch_tokens,
+                tokens_per_s=stop * cfg.train_batch_tokens / (train_ms / 1000) if train_ms else None,
+                world_size=D.world, grad_accum_steps=accum, device=str(device), data_epochs=stream.epoch)
+            if device.type == "cuda":
+                log.line(f"peak memory allocated: {max(peaks.peak.values()) // 2**20} MiB "
+                         f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    finally:
+        D.close()  # last: with a peer gone it may wait; the record and the lock are done by then
+    return run_dir
 
 
 def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, window, accum: int):
@@ -402,39 +329,39 @@ def dry_run(cfg: Config, world: int) -> None:
         print(line)
 
 
-@record  # under torchrun, a failing rank's traceback is reported as the root cause
+@elastic.record  # under torchrun, a failing rank's traceback is reported as the root cause
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = parse(argv)
     if args.dry_run:
-        dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        dry_run(cfg, args.world_size or env().world)
         return
     keep_freed_memory()
-    if os.environ.get("WORLD_SIZE", "1") != "1" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+    share_threads()
     try:  # before any folder is made: the shards exist, are sound (every one, read by rank 0) and hold enough tokens
         train_files, val_files = shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val")
-        if int(os.environ.get("RANK", "0")) == 0:  # one reader is enough: the other ranks wait for its run folder
+        if env().rank == 0:  # one reader is enough: the other ranks wait for its run folder
             check_shards(train_files + val_files, cfg.vocab_size)
-        check_enough_data(train_files, val_files, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_enough_data(train_files, val_files, cfg, env().world)
     except (FileNotFoundError, ShardError) as e:
         sys.exit(f"error: data_dir={cfg.data_dir!r}: {e}")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    STOPS.with_parents()
-    with STOPS.handling():
+    stops = Stops()
+    stops.with_parents()
+    with stops.handling():
         try:
-            run_dir = train(cfg, args, ["python -m embxlib.train", *argv])
+            run_dir = train(cfg, args, ["python -m embxlib.train", *argv], stops)
         except FolderLocked as e:
             sys.exit(f"error: {e}")
         except BaseException:
-            if STOPS.signal is None:
+            if stops.signal is None:
                 raise
             # recorded (summary `stopped`, a log line naming the signal); exit as the signal's conventional 128+n
-            print(STOPS.reason, file=sys.stderr, flush=True)
-            raise SystemExit(128 + STOPS.signal) from None
-        if STOPS.signal is not None:  # arrived while the finished run's record was being written
-            print(f"{STOPS.reason} after the run had finished: {run_dir}", file=sys.stderr, flush=True)
+            print(stops.reason, file=sys.stderr, flush=True)
+            raise SystemExit(128 + stops.signal) from None
+        if stops.signal is not None:  # arrived while the finished run's record was being written
+            print(f"{stops.reason} after the run had finished: {run_dir}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 from embxlib import launch, train
 from embxlib.runfolder import RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name
 from conftest import FAST, PYTHON, ROOT, python_env
+from faults import fail_at
 from test_notebooks import fast_params
 
 
@@ -73,11 +74,12 @@ def test_a_resume_that_fails_keeps_what_the_run_had(fast_args, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_mid_write(fast_args, tmp_path):
+def test_resume_after_a_crash_mid_write(fast_args, tmp_path, monkeypatch):
     """Torn last lines in metrics.jsonl and log.txt and half-written .tmp files, as a SIGKILL mid-write leaves them."""
     run = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="injected fault"):
-        train.main(fast_args(run, "--num-iterations", "6", "--save-every", "2", "--fail-at-step", "3"))
+    with pytest.raises(RuntimeError, match="injected fault"), monkeypatch.context() as m:
+        fail_at(3, monkeypatch=m)
+        train.main(fast_args(run, "--num-iterations", "6", "--save-every", "2"))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "val_loss": 10.6, "train_ti')
     with open(run / "log.txt", "a") as f:

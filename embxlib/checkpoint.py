@@ -82,8 +82,9 @@ def run_state(run_dir: Path) -> str:
 
 def reuse_problem(run_dir: Path, cfg: Config) -> str:
     """'' when run_dir holds nothing or a run of exactly cfg; else what differs, from its config.json and its
-    checkpoint's config: a folder reused with another config would silently continue (or report) another run."""
-    if is_new_run_dir(run_dir):
+    checkpoint's config: a folder reused with another config would silently continue (or report) another run (also
+    a new one: the config.json a launcher wrote there for a run that never started)."""
+    if not run_dir.exists():
         return ""
     wanted = cfg.to_dict()
     saved = read_json(run_dir / "config.json")

@@ -119,7 +119,9 @@ def run_dir_for(cfg: Config, s: dict) -> Path:
 
 # --- the subprocess --------------------------------------------------------------------------------
 
-def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool, config=None) -> list[str]:
+def command(s: dict, run_dir: Path, resume: bool) -> list[str]:
+    """torchrun's command line: a new run trains the validated config the launcher wrote to <run>/config.json, a
+    resume continues the run folder with its own."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s['nproc_per_node']}"]  # = torchrun
     if s["nnodes"] == 1:
         cmd.append("--standalone")
@@ -128,28 +130,8 @@ def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool, con
                 f"--master_port={s['master_port']}"]
     cmd += ["-m", "embxlib.train"]
     if resume:
-        cmd += ["--resume", str(run_dir)]
-    else:
-        cmd += ["--run-dir", str(run_dir), *(["--config", str(at_root(config))] if config else []),
-                *config_flags(cfg, params)]
-    return cmd
-
-
-def config_flags(cfg: Config, params: dict) -> list[str]:
-    """Flags for the parameters that were set: the child resolves the same preset + overrides."""
-    out = ["--preset", cfg.preset]
-    for k, v in params.items():
-        if v is None or k == "preset":
-            continue
-        v = getattr(cfg, k)
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            out.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif isinstance(v, tuple):
-            out += [flag, ",".join(map(str, v))]
-        else:
-            out += [flag, str(v)]
-    return out
+        return cmd + ["--resume", str(run_dir)]
+    return cmd + ["--run-dir", str(run_dir), "--config", str(run_dir / "config.json")]
 
 
 def launch(params: dict, echo=print, config=None, node0_state: str | None = None, **settings) -> Path:
@@ -186,7 +168,9 @@ def launch(params: dict, echo=print, config=None, node0_state: str | None = None
                              f"(pick another run_name, or resume=True to continue it)")
         if state == "broken":
             raise ValueError(f"{run_dir} has no checkpoint to resume from; move it away or pick another run_name")
-        cmd = command(cfg, params, s, run_dir, resume=state == "resumable", config=config)
+        if state == "new":  # the trainer starts from the config validated here, as it is
+            write_json_atomically(run_dir / "config.json", cfg.to_dict())
+        cmd = command(s, run_dir, resume=state == "resumable")
         threads = max(1, (os.cpu_count() or 1) // s["nproc_per_node"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),

@@ -36,10 +36,10 @@ def default_run_name(name: str, seed: int, when: datetime | None = None) -> str:
 
 
 def is_new_run_dir(d: Path) -> bool:
-    """Nothing there yet but what the launcher writes first: the executed notebook, console.log, its lock, and a
-    SLURM sweep's record of the run's job."""
-    return not d.exists() or all(p.suffix == ".ipynb" or p.name in ("console.log", RUN_LOCK, SLURM_RECORD)
-                                 for p in d.iterdir())
+    """Nothing there yet but what the launcher writes first: the validated config.json it hands the trainer, the
+    executed notebook, console.log, its lock, and a SLURM sweep's record of the run's job."""
+    return not d.exists() or all(p.suffix == ".ipynb" or p.name in ("config.json", "console.log", RUN_LOCK,
+                                                                     SLURM_RECORD) for p in d.iterdir())
 
 
 def new_run_dir(run_dir: str | None, runs_root: str, name: str, seed: int) -> Path:

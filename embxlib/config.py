@@ -7,12 +7,16 @@ Each field's trailing comment is its help text.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import inspect
+import io
 import json
 import math
 import re
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -435,12 +439,14 @@ PRESETS: dict[str, typing.Callable[..., Config]] = {"tiny": tiny, "medium": medi
 # --- CLI generated from the fields ---------------------------------------------------------------
 
 def field_help() -> dict[str, str]:
-    """The trailing comment of each field, read from this file's source: the comment is the documentation."""
-    src = inspect.getsource(Config)
-    out = {}
-    for m in re.finditer(r"^\s{4}(\w+): [^=\n]+=.*?  # (.+)$", src, re.M):
-        out[m.group(1)] = m.group(2).strip()
-    return out
+    """Each field's documentation: the comment that ends its line in the class (Python's tokenizer finds the
+    comments, the class's syntax tree which line declares which field), so that a field stays one line."""
+    src = textwrap.dedent(inspect.getsource(Config))
+    comments = {tok.start[0]: tok.string[1:].strip() for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+                if tok.type == tokenize.COMMENT}
+    body = ast.parse(src).body[0].body
+    return {node.target.id: comments[node.lineno] for node in body
+            if isinstance(node, ast.AnnAssign) and node.lineno in comments}
 
 
 def _field_type(f: dataclasses.Field):

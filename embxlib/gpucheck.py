@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from .config import EOT_TOKEN, Config, medium_x01, tiny
 from .data import read_shard, shard_files, write_shard
 from .model import GPT, HeadLoss, SoftCap, attend, dense_mask, document_ids, flex_block_mask
+from .runfolder import parse_step_line
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, SXM
 SMALL = dict(train_seq_len=1024, window_max=512, attn_block_size=128)  # FlexAttention's CUDA tiles need 128 blocks
 RUN_FLAGS = ["--no-coordinate-descent-tuning", "--warmup-steps", "3", "--no-save-checkpoint"]
 UPSTREAM_X01_LOG = (Path(__file__).resolve().parents[1] / "published" / "modded-nanogpt-logs" /
@@ -196,10 +196,11 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
                val_loss_start=None, val_loss_end=summary["final_val_loss"],
                peak_memory_train_mib=summary.get("peak_memory_train_mib"),
                peak_memory_val_mib=summary.get("peak_memory_val_mib"), run_dir=str(run_dir))
-    vals = re.findall(r"^step:0/\d+ val_loss:(\S+)", (run_dir / "log.txt").read_text(), re.M)
-    res["val_loss_start"] = float(vals[0]) if vals else None
+    vals = [p["val_loss"] for p in map(parse_step_line, (run_dir / "log.txt").read_text().splitlines())
+            if p and p["step"] == 0 and p["val_loss"] is not None]
+    res["val_loss_start"] = vals[0] if vals else None
     if device == "cuda" and ms:
-        from .stepmodel import matmul_flops
+        from .stepmodel import PEAK_BF16_FLOPS, matmul_flops
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
         flops = matmul_flops(medium_x01(train_batch_tokens=tokens))  # matmul FLOPs only: a lower bound
         res["mfu"] = flops / (ms / 1000) / peak if peak else None
@@ -214,8 +215,9 @@ def run_medium(device: str, steps: int, data: Path, out: Path) -> dict:
 
 def step_times(log: Path) -> dict[int, int]:
     """train_time (ms) at each step line of one of our logs or an upstream log (theirs have no train_loss)."""
-    return {0: 0} | {int(m[1]): int(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ (?:train_loss:\S+ )?train_time:(\d+)ms",
-                                                       Path(log).read_text(), re.M)}
+    lines = [p for p in map(parse_step_line, Path(log).read_text().splitlines()) if p and p["val_loss"] is None
+             and p["train_time_ms"] is not None]
+    return {0: 0} | {p["step"]: int(p["train_time_ms"]) for p in lines}
 
 
 def ms_per_step(times: dict[int, int], first: int = 3, last: int | None = None) -> float | None:

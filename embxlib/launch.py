@@ -31,15 +31,14 @@ from datetime import datetime
 from pathlib import Path
 
 from . import ROOT, at_root
-from .config import Config, add_config_args, build_config, coerce_value, config_differences, unknown_names
 from .checkpoint import reuse_problem, run_state
+from .config import Config, add_config_args, build_config, coerce_value, config_differences, unknown_names
 from .runfolder import (FAILURE_CAUSE, RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, clock,
-                        end_torn_line, first_line, move_aside, read_json, record_death, default_run_name,
-                        write_atomically, write_json_atomically, write_text_atomically)
+                        default_run_name, end_torn_line, first_line, move_aside, parse_step_line, read_json,
+                        record_death, write_atomically, write_json_atomically, write_text_atomically)
 from .stops import kill_tree, signals_interrupt
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
-STEP = re.compile(r"step:(\d+)/(\d+)(?: val_loss:([\d.]+|nan))?")
 CONFIG_FIELDS = list(Config.__dataclass_fields__)
 # launch settings of run_variant.ipynb besides the Config fields (defaults; a test keeps the notebook in step)
 LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="", master_port=29500,
@@ -184,10 +183,11 @@ def launch(params: dict, echo=print, config=None, node0_state: str | None = None
 PLAIN_EVERY_S = 30  # with progress=False: a step line at least this often besides the validation lines
 
 
-def _plain(step: int, total: int, elapsed: float, val_loss: str | None = None, left: float | None = None) -> str:
+def _plain(step: int, total: int, elapsed: float, val_loss: float | str | None = None,
+           left: float | None = None) -> str:
     """A progress line for a terminal or a notebook without widgets: step, val_loss, elapsed and remaining time."""
     left = f", about {clock(left)} left" if left is not None and step < total else ""
-    loss = f"  val_loss {float(val_loss):.4f}" if val_loss else ""
+    loss = f"  val_loss {float(val_loss):.4f}" if val_loss is not None else ""
     return f"step {step}/{total}{loss}  elapsed {clock(elapsed)}{left}"
 
 
@@ -211,22 +211,22 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
                 tail.append(line.rstrip("\n"))
                 if len(causes) < 8 and FAILURE_CAUSE.match(line.strip()) and line.strip() not in causes:
                     causes.append(line.strip())
-                m = STEP.search(line)
+                m = parse_step_line(line.rstrip("\n"), anywhere=True)
                 if not m:
                     if line.startswith(("# ", "Warmup step")):  # the trainer saying what it does (compiling...)
                         bar.write(line.strip()) if progress else echo(line.strip())
                     continue
-                bar.n = int(m[1])
-                if m[3]:
-                    bar.set_postfix(val_loss=float(m[3]), refresh=False)
-                if progress and m[3]:
+                step, total, val_loss, now = m["step"], m["total"], m["val_loss"], time.time()
+                bar.n = step
+                if val_loss is not None:
+                    bar.set_postfix(val_loss=val_loss, refresh=False)
+                if progress and val_loss is not None:
                     bar.write(line.strip())
-                step, total, now = int(m[1]), int(m[2]), time.time()
                 first = first or (now, step)
-                if not progress and (m[3] or now - last >= PLAIN_EVERY_S):
+                if not progress and (val_loss is not None or now - last >= PLAIN_EVERY_S):
                     last = now
                     left = (now - first[0]) / (step - first[1]) * (total - step) if step > first[1] else None
-                    echo(_plain(step, total, now - start, m[3], left))
+                    echo(_plain(step, total, now - start, val_loss, left))
                 bar.refresh()
         rc = proc.wait()
     except BaseException:

@@ -531,10 +531,10 @@ def step_line(step: int, total: int, train_ms: float, val_loss: float | None = N
     return f"step:{step}/{total}{loss} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
 
 
-def parse_step_line(line: str) -> dict | None:
+def parse_step_line(line: str, anywhere: bool = False) -> dict | None:
     """A step line's fields (step, total, val_loss, train_loss, train_time_ms, step_avg_ms; None where absent),
-    or None for any other line; the line may carry a prefix (torchrun's `[rank0]:`) before `step:`."""
-    i = line.find("step:")
+    or None for any other line. anywhere: `step:` may come after a prefix (console output, torchrun's `[rank0]:`)."""
+    i = line.find("step:") if anywhere else 0
     m = STEP_LINE.match(line, i) if i >= 0 else None
     if m is None:
         return None

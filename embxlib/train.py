@@ -47,10 +47,6 @@ from .runfolder import FolderLocked, new_run_dir, provenance, step_line  # noqa:
 from .stops import Stops  # noqa: E402
 from .streams import describe_stream, streams  # noqa: E402
 
-# re-exported while tests move to the new homes (dropped at the end of issue 27)
-from .checkpoint import peek_checkpoint  # noqa: E402,F401
-from .runfolder import RunLog  # noqa: E402,F401
-
 
 # --- command line --------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from embxlib import launch
+from embxlib.checkpoint import run_state
 from embxlib.config import field_help
 from conftest import FAST, PYTHON, ROOT, python_env
 from faults import in_trainers
@@ -163,7 +164,7 @@ def test_sweep_resumes_an_interrupted_run(corpus, tmp_path, monkeypatch):
             m.setenv(k, v)
         launch.launch({**base, "extra_embeds": 1, "seed": 0}, run_name="extra_embeds1_s0", runs_root=str(sweep_dir),
                       progress=False)
-    assert launch.run_state(sweep_dir / "extra_embeds1_s0") == "resumable"
+    assert run_state(sweep_dir / "extra_embeds1_s0") == "resumable"
     said = []
     table = launch.sweep({"extra_embeds": [1]}, [0], base, sweep_dir, echo=said.append)
     assert any("resuming" in s for s in said) and table.status.tolist() == ["finished"]

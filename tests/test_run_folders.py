@@ -465,3 +465,18 @@ def test_a_trainer_killed_outright_under_the_launcher_is_recorded_by_it(corpus, 
     assert summary["status"] == "failed" and "SIGKILL" in summary["error"], summary
     assert "recorded by the launcher" in summary["error"]
     assert not (run / RUN_LOCK).exists()
+
+
+def test_the_step_line_format_and_its_parser_agree():
+    """log.txt's step lines are written by runfolder.step_line and read by runfolder.parse_step_line (the launcher's
+    progress, the GPU check, the step-time model): one format."""
+    from embxlib.runfolder import parse_step_line, step_line
+    val = step_line(0, 200, 0.0, val_loss=10.825812)
+    train_line = step_line(3, 200, 4567.4, train_loss=7.34512)
+    assert val == "step:0/200 val_loss:10.825812 train_time:0ms step_avg:0.00ms"
+    assert train_line == "step:3/200 train_loss:7.3451 train_time:4567ms step_avg:1522.47ms"
+    assert parse_step_line(val) == dict(step=0, total=200, val_loss=10.825812, train_loss=None, train_time_ms=0.0,
+                                        step_avg_ms=0.0)
+    assert parse_step_line(train_line)["train_loss"] == 7.3451 and parse_step_line(train_line)["val_loss"] is None
+    assert parse_step_line("[rank0]: " + val) is None and parse_step_line("[rank0]: " + val, anywhere=True)["step"] == 0
+    assert parse_step_line("# stopped at step 3 of 6 (--max-steps)") is None

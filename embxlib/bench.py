@@ -265,14 +265,13 @@ def bench_gpu(steps: int = 20, warmup: int = 5) -> dict | None:
     if not torch.cuda.is_available():
         return None
     from embxlib.config import medium_x01
-    from embxlib.stepmodel import matmul_flops
+    from embxlib.stepmodel import PEAK_FLOPS, matmul_flops
     cfg = medium_x01(compile=True)
     ms = _median_step_ms(embxlib_step(cfg, device="cuda", compile=True), warmup, steps)
     tokens = cfg.train_batch_tokens
     flops = matmul_flops(cfg)  # attention's (windowed) FLOPs are left out: a lower bound
-    peak = 989e12  # H100 SXM dense bf16
     return dict(model="medium_x01, 1 GPU", ms_per_step=ms, tokens_per_s=tokens / ms * 1000,
-                mfu=flops / (ms / 1000) / peak)
+                mfu=flops / (ms / 1000) / PEAK_FLOPS)  # (an H100's)
 
 
 def main(argv=None):
@@ -303,7 +302,7 @@ def main(argv=None):
         ap.error(f"--variants: unknown {unknown}; allowed: {', '.join(TRAINING_VARIANTS)}")
     if args.no_compile and args.compiled_only:
         ap.error("--no-compile and --compiled-only leave nothing to time")
-    from embxlib.train import keep_freed_memory
+    from embxlib.dist import keep_freed_memory
     keep_freed_memory()  # as train.py does; both models below run in this process, under the same allocator
     result = {}
     if args.only in (None, "training"):

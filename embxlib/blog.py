@@ -25,7 +25,7 @@ from pathlib import Path
 
 import nbformat
 
-ROOT = Path(__file__).resolve().parent.parent
+from . import ROOT
 REMOVED_TAGS = {"parameters", "injected-parameters"}
 SHOW_TAG = "show"
 _HIDE_INPUT = "embxlib-hide-input"
@@ -42,7 +42,6 @@ def work_from_root() -> None:
     so that its relative paths (inputs, images/) mean the same. Anywhere else it does nothing."""
     import os
 
-    from embxlib import ROOT
     if Path.cwd().resolve() == (ROOT / "nbs").resolve():
         os.chdir(ROOT)
 

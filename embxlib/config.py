@@ -7,16 +7,22 @@ Each field's trailing comment is its help text.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
 import inspect
+import io
 import json
 import math
 import re
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .runfolder import check_folder_name
+from .streams import input_streams
 
 # fields that take one of a few values: the CLI offers them as choices, validate() enforces them
 CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "ve_gates": ("off", "x", "x_ve"), "precision": ("bf16", "fp32"),
@@ -264,7 +270,6 @@ class Config:
         if self.ve_gates == "x_ve" and self.ve_gate_dim % 2:
             bad("ve_gate_dim", "x_ve gates read half their channels from x and half from ve: must be even")
         if self.token_lambdas:
-            from .streams import input_streams  # (it imports this module)
             allowed = [s.name for s in input_streams(self)]
             if self.token_lambdas not in allowed:
                 bad("token_lambdas", f"allowed: '' (off) or one of {allowed}")
@@ -434,12 +439,14 @@ PRESETS: dict[str, typing.Callable[..., Config]] = {"tiny": tiny, "medium": medi
 # --- CLI generated from the fields ---------------------------------------------------------------
 
 def field_help() -> dict[str, str]:
-    """The trailing comment of each field, read from this file's source: the comment is the documentation."""
-    src = inspect.getsource(Config)
-    out = {}
-    for m in re.finditer(r"^\s{4}(\w+): [^=\n]+=.*?  # (.+)$", src, re.M):
-        out[m.group(1)] = m.group(2).strip()
-    return out
+    """Each field's documentation: the comment that ends its line in the class (Python's tokenizer finds the
+    comments, the class's syntax tree which line declares which field), so that a field stays one line."""
+    src = textwrap.dedent(inspect.getsource(Config))
+    comments = {tok.start[0]: tok.string[1:].strip() for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+                if tok.type == tokenize.COMMENT}
+    body = ast.parse(src).body[0].body
+    return {node.target.id: comments[node.lineno] for node in body
+            if isinstance(node, ast.AnnAssign) and node.lineno in comments}
 
 
 def _field_type(f: dataclasses.Field):
@@ -601,6 +608,16 @@ def coerce(name: str, value):
     if f is None:
         raise ValueError(f"unknown config field {name!r}")
     return coerce_value(name, value, _field_type(f))
+
+
+def unknown_names(given, allowed) -> str:
+    """'unknown parameter(s) [...] (did you mean ...?)' for the names in given that are not in allowed, or ''."""
+    unknown = sorted(set(given) - set(allowed))
+    if not unknown:
+        return ""
+    close = {u: difflib.get_close_matches(str(u), list(allowed), n=1) for u in unknown}
+    hints = [f"{c[0]!r}" + (f" for {u!r}" if len(unknown) > 1 else "") for u, c in close.items() if c]
+    return f"unknown parameter(s) {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
 
 
 def coerce_value(name: str, value, t):

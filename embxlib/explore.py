@@ -1,7 +1,7 @@
 """Interactive figures for JupyterLab: an explorer over loaded runs and a live view of running runs or sweeps.
 
-    ex = plots.explore(val, train=runs.load_train_loss(inputs), lam=lam)   # a cell's last line shows it
-    view = plots.watch("runs/sweep")                                        # returns at once, follows the runs
+    ex = explore(val, train=runs.load_train_loss(inputs), lam=lam)         # a cell's last line shows it
+    view = watch("runs/sweep")                                              # returns at once, follows the runs
 
 Both draw with matplotlib on an ipympl canvas (the `widget` backend's canvas, made for our Figure without pyplot)
 and ipywidgets controls; no JavaScript of our own. Without a frontend (papermill, tests) the same objects work on a
@@ -17,7 +17,7 @@ LiveView: an Explorer whose tables are re-read from the run folders every `every
 (the kernel stays free, also while another cell trains), drawn as lines are written, stopping by itself when every
 run found has ended (summary.json finished, failed or stopped, or its run.lock names a process of this machine that
 is gone: "running, its process is gone") and no launcher or sweep holds a lock. Its figure is
-an Image widget the thread fills (no mouse readout there; `plots.explore` on the finished runs has it).
+an Image widget the thread fills (no mouse readout there; `explore` on the finished runs has it).
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ class Explorer:
                 box.observe(lambda change: self.update(), "value")
                 self.variant_boxes[variant] = box
         self.variant_box.children = tuple(self.variant_boxes.values())
-        self.colors = plots._palette(self.variant_boxes)
+        self.colors = plots.palette(self.variant_boxes)
         for line in self.lines:
             line["line"].remove()
         self.lines = []
@@ -226,7 +226,7 @@ class Explorer:
                 inside = (line[x_name] >= lo) & (line[x_name] <= hi)
                 visible_y.append(y[inside])
         self.ax.set_xlim(lo, hi)
-        plots._fit_y(self.ax, visible_y)
+        plots.fit_y(self.ax, visible_y)
         self.ax.set_xlabel(plots.AXIS_LABELS[X_AXES[x_name]])
         self.ax.set_ylabel("loss")
         self.ax.set_title(self.title or "loss: validation (points) and training (thin"
@@ -391,7 +391,7 @@ class LiveView(Explorer):
         finally:
             runs._QUIET.on = False
         self._write_status()
-        self.readout.value = "live view: the mouse readout is in plots.explore (e.g. over these runs once they end)"
+        self.readout.value = "live view: the mouse readout is in explore.explore (e.g. over these runs once they end)"
         self.thread = threading.Thread(target=self._loop, name="embxlib-live-view", daemon=True)
         self.thread.start()
 

@@ -23,7 +23,7 @@ and listed under "skipped" with why; the stage running when the budget is spent 
 after STOP_GRACE_S). A SIGTERM, SIGINT or SIGHUP to the check stops the running stage the same way, records it and
 what did not run, and exits 128 + the signal; after a SIGKILL the JSON holds every stage finished before it (a
 stage's process gets SIGTERM when the check dies). The allocator setting (embxlib.cudaenv) is made before torch is
-imported, in every stage's process, as in the trainer; the compile flags come from train.set_compile_flags.
+imported, in every stage's process, as in the trainer; the compile flags come from dist.set_compile_flags.
 Every configuration it runs on CUDA is in plan(); tests/test_gpu.py holds them against the FlexAttention kernel
 tiles of sm80/sm90/sm100 and traces the small ones through the CUDA attention branch on the CPU, and runs the whole
 staged plan on the CPU (CUDA parts on their CPU stand-ins: SDPA, no compile in the run, aot_eager), stopping it at a
@@ -59,10 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 from .config import EOT_TOKEN, Config, cpu_bf16_matmul, medium_x01, tiny  # noqa: E402
 from .data import read_shard, shard_files, write_shard  # noqa: E402
 from .model import GPT, HeadLoss, SoftCap, attend, dense_mask, document_ids, flex_block_mask  # noqa: E402
-from .runfolder import read_json, write_json_atomically  # noqa: E402
+from .runfolder import parse_step_line, read_json, write_json_atomically  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, SXM
 SMALL = dict(train_seq_len=1024, window_max=512, attn_block_size=128)  # FlexAttention's CUDA tiles need 128 blocks
 RUN_FLAGS = ["--no-coordinate-descent-tuning", "--warmup-steps", "3", "--no-save-checkpoint"]
 UPSTREAM_X01_LOG = (ROOT / "published" / "modded-nanogpt-logs" /
@@ -151,7 +150,7 @@ def check_flex_attention(device: str) -> dict:
 def check_compiled_model(device: str) -> dict:
     """A tiny model with the GPU code path (FlexAttention on CUDA, bf16 policy), eager vs torch.compile (with the
     trainer's compile flags)."""
-    from .train import set_compile_flags
+    from .dist import set_compile_flags
     cfg = plan(device)["compiled_model"]
     set_compile_flags(cfg)
     model = _small_model(cfg, device)
@@ -195,14 +194,14 @@ def check_compiled_autograd(device: str, backward_inside: bool = True) -> dict:
     FlexAttention failed under it. Does a compiled training step of the model capture its backward with it, and are
     the gradients right? The flag is read when torch.compile wraps a function and reaches a backward only while a
     call of the wrapped function runs (dynamo enters compiled autograd around each call): so here it is set first
-    (through the trainer's set_compile_flags), and what is compiled is forward and backward together. Captures are
-    counted by torch._dynamo's counters; ok: at least one backward graph captured and the gradients those of eager.
+    (through dist.set_compile_flags, as the trainer), and what is compiled is forward and backward together.
+    Captures are counted by torch._dynamo's counters; ok: at least one backward graph captured and the gradients those of eager.
     backward_inside=False compiles the forward only and calls .backward() on its loss outside, as the trainer and
     upstream's Record 8 do: nothing is captured and ok is False (tests/test_gpucheck.py)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from .train import set_compile_flags
+    from .dist import set_compile_flags
     cfg = plan(device)["compiled_autograd"]
     model = _small_model(cfg, device)
     x, y, window = _batch(cfg, device)
@@ -251,8 +250,9 @@ def corpus_dir(src: Path, tmp: Path, val_tokens: int) -> Path:
 
 def step_times(log: Path) -> dict[int, int]:
     """train_time (ms) at each step line of one of our logs or an upstream log (theirs have no train_loss)."""
-    return {0: 0} | {int(m[1]): int(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ (?:train_loss:\S+ )?train_time:(\d+)ms",
-                                                       Path(log).read_text(), re.M)}
+    lines = [p for p in map(parse_step_line, Path(log).read_text().splitlines()) if p and p["val_loss"] is None
+             and p["train_time_ms"] is not None]
+    return {0: 0} | {p["step"]: int(p["train_time_ms"]) for p in lines}
 
 
 def ms_per_step(times: dict[int, int], first: int = 3, last: int | None = None) -> float | None:
@@ -300,18 +300,19 @@ def run_numbers(run_dir: Path, device: str, device_name: str, steps: int) -> dic
     first = 3 if done > 3 else 1  # (the first steps after warmup still settle)
     ms = ms_per_step(times, first=first)
     tokens = cfg.get("train_batch_tokens")
-    vals = re.findall(r"^step:(\d+)/\d+ val_loss:(\S+)", log.read_text(), re.M) if log.exists() else []
+    vals = [p for p in map(parse_step_line, log.read_text().splitlines()) if p and p["val_loss"] is not None] if (
+        log.exists()) else []
     res = dict(preset=cfg.get("preset"), precision=cfg.get("precision"), steps_planned=steps, steps=done,
                status=summary.get("status"), num_iterations=summary.get("num_iterations", cfg.get("num_iterations")),
                grad_accum_steps=summary.get("grad_accum_steps"), train_time_ms=[times[s] for s in sorted(times)],
                step_ms=[times[s] - times[s - 1] for s in sorted(times) if s and s - 1 in times],
                first_timed_step=first, ms_per_step=ms, tokens_per_s=tokens / ms * 1000 if ms and tokens else None,
-               val_loss_start=float(vals[0][1]) if vals and vals[0][0] == "0" else None,
+               val_loss_start=vals[0]["val_loss"] if vals and vals[0]["step"] == 0 else None,
                val_loss_end=summary.get("final_val_loss"),
                peak_memory_train_mib=summary.get("peak_memory_train_mib"),
                peak_memory_val_mib=summary.get("peak_memory_val_mib"), run_dir=str(run_dir))
     if device == "cuda" and ms and tokens:
-        from .stepmodel import matmul_flops
+        from .stepmodel import PEAK_BF16_FLOPS, matmul_flops
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
         flops = matmul_flops(medium_x01(train_batch_tokens=tokens))  # matmul FLOPs only: a lower bound
         res["mfu"] = flops / (ms / 1000) / peak if peak else None

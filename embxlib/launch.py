@@ -31,17 +31,18 @@ from datetime import datetime
 from pathlib import Path
 
 from . import ROOT, at_root
-from .config import Config, add_config_args, build_config, coerce_value, config_differences
-from .runfolder import (RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, end_torn_line,
-                        read_json, write_atomically, write_json_atomically, write_text_atomically)
-from .train import CHECKPOINT, is_new_run_dir, peek_checkpoint
+from .checkpoint import reuse_problem, run_state
+from .config import Config, add_config_args, build_config, coerce_value, config_differences, unknown_names
+from .runfolder import (FAILURE_CAUSE, RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, clock,
+                        default_run_name, end_torn_line, first_line, move_aside, parse_step_line, read_json,
+                        record_death, write_atomically, write_json_atomically, write_text_atomically)
+from .stops import kill_tree, signals_interrupt
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
-STEP = re.compile(r"step:(\d+)/(\d+)(?: val_loss:([\d.]+|nan))?")
 CONFIG_FIELDS = list(Config.__dataclass_fields__)
 # launch settings of run_variant.ipynb besides the Config fields (defaults; a test keeps the notebook in step)
 LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="", master_port=29500,
-                       run_name="", runs_root="runs", resume=False, progress=True, fail_at_step=-1, fail_rank=0)
+                       run_name="", runs_root="runs", resume=False, progress=True)
 NONE_DEFAULT_TYPES = dict(nproc_per_node=int)  # the type of a launch setting whose default is None
 # parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
 SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="runs/sweep", nproc_per_node=1,
@@ -64,16 +65,6 @@ def resolve(params: dict, world_size: int = 1, config=None) -> Config:
 def default_nproc() -> int:
     import torch
     return torch.cuda.device_count() or 1
-
-
-def unknown_names(given, allowed) -> str:
-    """'unknown parameter(s) [...] (did you mean ...?)' for the names in given that are not in allowed, or ''."""
-    unknown = sorted(set(given) - set(allowed))
-    if not unknown:
-        return ""
-    close = {u: difflib.get_close_matches(str(u), list(allowed), n=1) for u in unknown}
-    hints = [f"{c[0]!r}" + (f" for {u!r}" if len(unknown) > 1 else "") for u, c in close.items() if c]
-    return f"unknown parameter(s) {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
 
 
 def check_injected(allowed) -> None:
@@ -121,39 +112,15 @@ def check_settings(s: dict) -> dict:
 
 
 def run_dir_for(cfg: Config, s: dict) -> Path:
-    name = s["run_name"] or f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.name}_s{cfg.seed}"
+    name = s["run_name"] or default_run_name(cfg.name, cfg.seed)
     return at_root(s["runs_root"]) / name
-
-
-def run_state(run_dir: Path) -> str:
-    """new (nothing there but executed notebooks), finished, resumable (a checkpoint), or broken."""
-    if is_new_run_dir(run_dir):
-        return "new"
-    if (read_json(run_dir / "summary.json") or {}).get("status") == "finished":
-        return "finished"
-    return "resumable" if (run_dir / "checkpoint.pt").exists() else "broken"
-
-
-def reuse_problem(run_dir: Path, cfg: Config) -> str:
-    """'' when run_dir holds nothing or a run of exactly cfg; else what differs, from its config.json and its
-    checkpoint's config: a folder reused with another config would silently continue (or report) another run."""
-    if is_new_run_dir(run_dir):
-        return ""
-    wanted = cfg.to_dict()
-    saved = read_json(run_dir / "config.json")
-    diff = config_differences(saved, wanted, "in its config.json") if saved is not None else []
-    ck = peek_checkpoint(run_dir / CHECKPOINT) if not diff and (run_dir / CHECKPOINT).exists() else None
-    if ck and ck.get("config"):
-        diff = config_differences(ck["config"], wanted, f"in its {CHECKPOINT}")
-    if not diff:
-        return ""
-    return (f"{run_dir} holds a run with another config: {'; '.join(diff)}; a folder is reused only for the same "
-            f"config: pick another run_name (or sweep_dir), or move that folder away")
 
 
 # --- the subprocess --------------------------------------------------------------------------------
 
-def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool, config=None) -> list[str]:
+def command(s: dict, run_dir: Path, resume: bool) -> list[str]:
+    """torchrun's command line: a new run trains the validated config the launcher wrote to <run>/config.json, a
+    resume continues the run folder with its own."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s['nproc_per_node']}"]  # = torchrun
     if s["nnodes"] == 1:
         cmd.append("--standalone")
@@ -162,30 +129,8 @@ def command(cfg: Config, params: dict, s: dict, run_dir: Path, resume: bool, con
                 f"--master_port={s['master_port']}"]
     cmd += ["-m", "embxlib.train"]
     if resume:
-        cmd += ["--resume", str(run_dir)]
-    else:
-        cmd += ["--run-dir", str(run_dir), *(["--config", str(at_root(config))] if config else []),
-                *config_flags(cfg, params)]
-    if s["fail_at_step"] >= 0:
-        cmd += ["--fail-at-step", str(s["fail_at_step"]), "--fail-rank", str(s["fail_rank"])]
-    return cmd
-
-
-def config_flags(cfg: Config, params: dict) -> list[str]:
-    """Flags for the parameters that were set: the child resolves the same preset + overrides."""
-    out = ["--preset", cfg.preset]
-    for k, v in params.items():
-        if v is None or k == "preset":
-            continue
-        v = getattr(cfg, k)
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            out.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif isinstance(v, tuple):
-            out += [flag, ",".join(map(str, v))]
-        else:
-            out += [flag, str(v)]
-    return out
+        return cmd + ["--resume", str(run_dir)]
+    return cmd + ["--run-dir", str(run_dir), "--config", str(run_dir / "config.json")]
 
 
 def launch(params: dict, echo=print, config=None, node0_state: str | None = None, **settings) -> Path:
@@ -222,7 +167,9 @@ def launch(params: dict, echo=print, config=None, node0_state: str | None = None
                              f"(pick another run_name, or resume=True to continue it)")
         if state == "broken":
             raise ValueError(f"{run_dir} has no checkpoint to resume from; move it away or pick another run_name")
-        cmd = command(cfg, params, s, run_dir, resume=state == "resumable", config=config)
+        if state == "new":  # the trainer starts from the config validated here, as it is
+            write_json_atomically(run_dir / "config.json", cfg.to_dict())
+        cmd = command(s, run_dir, resume=state == "resumable")
         threads = max(1, (os.cpu_count() or 1) // s["nproc_per_node"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
@@ -233,41 +180,15 @@ def launch(params: dict, echo=print, config=None, node0_state: str | None = None
     return run_dir
 
 
-@contextlib.contextmanager
-def signals_interrupt():
-    """SIGTERM and SIGHUP raise KeyboardInterrupt here (main thread only; an ignored signal stays ignored), so a
-    launcher stopped by kill, Slurm or a closed terminal stops its torchrun tree (which records it) and releases
-    its locks, instead of vanishing and leaving the trainers to notice."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            previous[sig] = signal.signal(sig, interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 PLAIN_EVERY_S = 30  # with progress=False: a step line at least this often besides the validation lines
 
 
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
-def _plain(step: int, total: int, elapsed: float, val_loss: str | None = None, left: float | None = None) -> str:
+def _plain(step: int, total: int, elapsed: float, val_loss: float | str | None = None,
+           left: float | None = None) -> str:
     """A progress line for a terminal or a notebook without widgets: step, val_loss, elapsed and remaining time."""
-    left = f", about {_clock(left)} left" if left is not None and step < total else ""
-    loss = f"  val_loss {float(val_loss):.4f}" if val_loss else ""
-    return f"step {step}/{total}{loss}  elapsed {_clock(elapsed)}{left}"
+    left = f", about {clock(left)} left" if left is not None and step < total else ""
+    loss = f"  val_loss {float(val_loss):.4f}" if val_loss is not None else ""
+    return f"step {step}/{total}{loss}  elapsed {clock(elapsed)}{left}"
 
 
 def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
@@ -288,79 +209,37 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
             for line in proc.stdout:
                 con.write(line)
                 tail.append(line.rstrip("\n"))
-                if len(causes) < 8 and _CAUSE.match(line.strip()) and line.strip() not in causes:
+                if len(causes) < 8 and FAILURE_CAUSE.match(line.strip()) and line.strip() not in causes:
                     causes.append(line.strip())
-                m = STEP.search(line)
+                m = parse_step_line(line.rstrip("\n"), anywhere=True)
                 if not m:
                     if line.startswith(("# ", "Warmup step")):  # the trainer saying what it does (compiling...)
                         bar.write(line.strip()) if progress else echo(line.strip())
                     continue
-                bar.n = int(m[1])
-                if m[3]:
-                    bar.set_postfix(val_loss=float(m[3]), refresh=False)
-                if progress and m[3]:
+                step, total, val_loss, now = m["step"], m["total"], m["val_loss"], time.time()
+                bar.n = step
+                if val_loss is not None:
+                    bar.set_postfix(val_loss=val_loss, refresh=False)
+                if progress and val_loss is not None:
                     bar.write(line.strip())
-                step, total, now = int(m[1]), int(m[2]), time.time()
                 first = first or (now, step)
-                if not progress and (m[3] or now - last >= PLAIN_EVERY_S):
+                if not progress and (val_loss is not None or now - last >= PLAIN_EVERY_S):
                     last = now
                     left = (now - first[0]) / (step - first[1]) * (total - step) if step > first[1] else None
-                    echo(_plain(step, total, now - start, m[3], left))
+                    echo(_plain(step, total, now - start, val_loss, left))
                 bar.refresh()
         rc = proc.wait()
     except BaseException:
-        _kill(proc)
+        kill_tree(proc)
         raise
     finally:
         bar.close()
-        _kill(proc)
+        kill_tree(proc)
     if rc != 0:
-        _record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}")
+        record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}")
         raise LaunchError(f"training failed (exit code {rc}): {causes[0] if causes else 'no error line in its output'}"
                           f"; full output in {run_dir / 'console.log'}; errors found there:\n" + "\n".join(causes)
                           + "\n...\nlast lines:\n" + "\n".join(list(tail)[-20:]))
-
-
-def _record_death(run_dir: Path, cause: str) -> None:
-    """A trainer killed by a signal no code can handle (SIGKILL from the OOM killer, SIGBUS) leaves its summary at
-    running; the launcher, which holds the folder's lock, records what torchrun saw."""
-    s = read_json(run_dir / "summary.json")
-    if not s:
-        return
-    part = s if s.get("status") == "running" else s.get("resume") if (s.get("resume") or {}).get("status") == \
-        "running" else None
-    if part is None:
-        return
-    part.update(status="failed", error=f"{cause} (recorded by the launcher: the trainer could not)")
-    try:
-        write_json_atomically(run_dir / "summary.json", s)
-    except OSError as e:
-        print(f"error: could not record the failure in {run_dir / 'summary.json'}: {e}", file=sys.stderr, flush=True)
-
-
-# the lines that say why a run failed: our trainer's own reports, argparse's and main()'s "error:", the last line
-# of a Python traceback, and the signal that killed a rank (torchrun's report, e.g. the kernel's OOM killer)
-_CAUSE = re.compile(r"\[rank \d+\] \w|# FAILED on rank|(?:[\w. -]+: )?error: |(?:\w+\.)*(?!ChildFailedError)\w*"
-                    r"(?:Error|Exception)\b:? |(?:traceback : )?Signal \d+ \(SIG(?!TERM)\w+\) received")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # grandchildren of a finished torchrun, if any
-        except (ProcessLookupError, PermissionError):
-            pass
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def show_run(run_dir: Path, save: bool = True):
@@ -480,27 +359,12 @@ def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="run
     return runs
 
 
-def move_aside(run_dir: Path, echo) -> Path:
-    """A run that crashed before its first checkpoint cannot resume: its folder (logs and all) is kept under a new
-    name, so that the run starts again in an empty one."""
-    aside = run_dir.with_name(f"{run_dir.name}.failed-{datetime.now():%Y%m%d-%H%M%S}")
-    with FolderLock(run_dir, RUN_LOCK, note=echo):  # not while a launcher outside the sweep trains it
-        run_dir.rename(aside)
-    (aside / RUN_LOCK).unlink(missing_ok=True)
-    return aside
-
-
 class SweepFailed(LaunchError):
     """Some runs of a sweep failed; the others ran. table: the summary table, as written to summary.csv."""
 
     def __init__(self, message: str, table):
         super().__init__(message)
         self.table = table
-
-
-def _first_line(e: BaseException) -> str:
-    text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
@@ -527,8 +391,10 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
     with FolderLock(sweep_dir, SWEEP_LOCK, note=echo):
         if backend == "slurm":
             from . import slurm as sl
-            errors = sl.sweep(runs, sweep_dir, nproc_per_node, config and at_root(config), sl.check_settings(slurm),
-                              tell, echo)
+            s = sl.check_settings(slurm)
+            cfgs = [resolve(p, nproc_per_node * s["nodes"], config) for _, p in runs]
+            errors = sl.sweep(runs, cfgs, sweep_dir, nproc_per_node, config and at_root(config), s, tell, echo,
+                              launch=launch, show=show_run)
         for i, (name, p) in enumerate(runs if backend == "local" else []):
             run_dir = sweep_dir / name
             state = run_state(run_dir)
@@ -548,12 +414,12 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
                               "runs_root": str(sweep_dir), "resume": True, "nproc_per_node": nproc_per_node,
                               "progress": False}, out)
             except Exception as e:  # noqa: BLE001 (recorded, and raised at the end; Ctrl-C still stops the sweep)
-                errors[name] = _first_line(e)
-                tell(f"[{i + 1}/{len(runs)}] {name}: failed after {_clock(time.time() - started)}: {errors[name]} "
+                errors[name] = first_line(e)
+                tell(f"[{i + 1}/{len(runs)}] {name}: failed after {clock(time.time() - started)}: {errors[name]} "
                      f"(notebook: {out}); going on")
                 continue
             final = (read_json(run_dir / "summary.json") or {}).get("final_val_loss")
-            tell(f"[{i + 1}/{len(runs)}] {name}: finished in {_clock(time.time() - started)}"
+            tell(f"[{i + 1}/{len(runs)}] {name}: finished in {clock(time.time() - started)}"
                  + (f", final val_loss {final:.4f}" if isinstance(final, (int, float)) else ""))
         table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"], errors)
         write_text_atomically(sweep_dir / "summary.csv", table.to_csv(index=False))
@@ -593,7 +459,7 @@ def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", 
     """One run through nbs/run_variant.ipynb with papermill, its printed lines (a plain progress line at every
     validation and at least every 30 s) shown here as they come; the executed notebook stays in the run folder."""
     cfg = resolve(params, 1 if nproc_per_node is None else nproc_per_node, config)  # checked before anything starts
-    run_name = run_name or f"{datetime.now():%Y%m%d-%H%M%S}_{cfg.name}_s{cfg.seed}"
+    run_name = run_name or default_run_name(cfg.name, cfg.seed)
     check_folder_name("run_name", run_name)
     run_dir = at_root(runs_root) / run_name
     shown = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
@@ -603,7 +469,7 @@ def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", 
     run_notebook({**params, "config": config and str(at_root(config)), "run_name": run_name, "runs_root": runs_root,
                   "nproc_per_node": nproc_per_node, "progress": False}, run_dir / "notebook.ipynb", stdout=sys.stdout)
     s = json.loads((run_dir / "summary.json").read_text())
-    print(f"done in {_clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
+    print(f"done in {clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
           f"config.json, log.txt, metrics.jsonl, summary.json, checkpoint.pt, console.log, loss.png, notebook.ipynb")
     other = trained_with(run_dir)
     if other and other != sys.executable:
@@ -675,7 +541,7 @@ def main(argv=None):
             try:
                 run(fields, args.config, args.run_name, args.runs_root, args.nproc_per_node)
             except (FolderLocked, OSError, _notebook_error()) as e:
-                ap.exit(1, f"{ap.prog} run: error: {_first_line(e)}\n")
+                ap.exit(1, f"{ap.prog} run: error: {first_line(e)}\n")
     elif args.cmd == "cancel":
         from .slurm import cancel
         try:

@@ -17,7 +17,7 @@ from . import at_root
 from .config import Config
 from .data import tokenizer
 from .model import GPT
-from .train import load_checkpoint
+from .checkpoint import load_checkpoint
 
 
 def load_model(run_dir: str | Path) -> GPT:

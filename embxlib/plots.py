@@ -46,18 +46,6 @@ def _register_display() -> None:
 _register_display()
 
 
-def explore(*args, **kwargs):
-    """embxlib.explore.explore: the interactive explorer over loaded runs (see there)."""
-    from .explore import explore as _explore
-    return _explore(*args, **kwargs)
-
-
-def watch(*args, **kwargs):
-    """embxlib.explore.watch: a live view of running runs or a sweep (see there)."""
-    from .explore import watch as _watch
-    return _watch(*args, **kwargs)
-
-
 def _figure(ax, size=(8, 5)):
     if ax is not None:
         return ax.figure, ax
@@ -65,7 +53,7 @@ def _figure(ax, size=(8, 5)):
     return fig, fig.add_subplot()
 
 
-def _palette(names) -> dict:
+def palette(names) -> dict:
     names = list(names)
     return dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
 
@@ -98,7 +86,7 @@ def _outside_legend(ax) -> None:
         ax.legend(handles, labels, fontsize="small")
 
 
-def _fit_y(ax, ys, pad: float = 0.05) -> None:
+def fit_y(ax, ys, pad: float = 0.05) -> None:
     # matplotlib scales y to all the data, not to the zoom window: fit it to what is visible
     ys = np.concatenate([np.asarray(y, dtype=float) for y in ys]) if ys else np.array([])
     ys = ys[np.isfinite(ys)]
@@ -143,7 +131,7 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
     """
     fig, ax = _figure(ax)
     variants = list(pd.unique(df["variant"]))
-    colors = _palette(variants)
+    colors = palette(variants)
     lo_x, hi_x = xlim if xlim is not None else (-np.inf, np.inf)
     visible = []
     if average:
@@ -178,7 +166,7 @@ def plot_val_loss(df: pd.DataFrame, x: str = "step", xlim=None, average: bool = 
         ax.set_xlim(*xlim)
         # the target joins the y range only when it is near the curves (within half their span): a far one (the
         # tiny runs' 6.0 under curves at 5.2-5.4) would leave most of the zoom empty; it is still in the legend
-        _fit_y(ax, visible + ([[target]] if target is not None and _near(target, visible) else []))
+        fit_y(ax, visible + ([[target]] if target is not None and _near(target, visible) else []))
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel("validation loss")
     _title(ax, title or f"validation loss vs {AXIS_LABELS.get(x, x)}")
@@ -301,7 +289,7 @@ def plot_layer_lambdas_runs(final: pd.DataFrame, streams=None, ylabel: str = "la
         streams = sorted((s for s in pd.unique(final["stream"]) if is_mixing_stream(s)), key=lambda s: (s != "x", s))
     streams = list(streams)
     data = final[final["stream"].isin(streams)]
-    colors = _palette(streams)
+    colors = palette(streams)
     for stream in streams:
         for i, (_, run) in enumerate(data[data["stream"] == stream].groupby("run", sort=False)):
             run = run.sort_values("layer")

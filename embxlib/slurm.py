@@ -28,7 +28,11 @@ from datetime import datetime
 from pathlib import Path
 
 from . import ROOT
-from .runfolder import SLURM_RECORD, read_json, write_json_atomically
+from .checkpoint import run_state
+from .config import unknown_names
+from .runfolder import (FAILURE_CAUSE, SLURM_RECORD, clock, first_line, move_aside, read_json, record_death,
+                        write_json_atomically)
+from .stops import signals_interrupt
 
 JOBS_FOLDER = "slurm"  # <sweep_dir>/slurm/: submitit's pickles, the array's script and every job's log
 TOOLS = ("sbatch", "squeue", "sinfo", "scancel", "scontrol")
@@ -49,7 +53,6 @@ class SlurmError(ValueError):
 # --- settings and the cluster's answers ---------------------------------------------------------------
 
 def check_settings(slurm: dict | None) -> dict:
-    from .launch import unknown_names
     slurm = {} if slurm is None else slurm
     if not isinstance(slurm, dict):
         raise ValueError(f"slurm={slurm!r}: expected a mapping of SLURM settings, e.g. "
@@ -268,23 +271,23 @@ def test_only(ex, n: int, s: dict) -> None:
 
 
 class RunJob:
-    """One run as a submitit job: launch() on the node into its run folder. submitit pickles this object; a
+    """One run as a submitit job: launch (embxlib.launch.launch, given by the sweep) on the node into its run
+    folder, then show (launch.show_run) its loss figure. submitit pickles this object (the two functions by name); a
     requeued job runs it again unchanged: the run folder's checkpoint is where it continues."""
 
     def __init__(self, name: str, params: dict, sweep_dir: str, nproc_per_node: int, config: str | None,
-                 max_requeues: int):
+                 max_requeues: int, launch, show):
         self.name, self.params, self.sweep_dir = name, params, sweep_dir
         self.nproc_per_node, self.config, self.max_requeues = nproc_per_node, config, max_requeues
+        self.launch, self.show = launch, show
 
     def __call__(self):
-        from . import launch
         # a SIGTERM from here on stops the job (submitit's own handler ignores it): raised as KeyboardInterrupt,
         # then either requeued or recorded below
-        with launch.signals_interrupt():
+        with signals_interrupt():
             return self._run()
 
     def _run(self):
-        from . import launch
         env = os.environ
         run_dir = Path(self.sweep_dir) / self.name
         node_rank = int(env.get("SLURM_NODEID", "0"))
@@ -301,7 +304,7 @@ class RunJob:
         try:
             if node_rank == 0:
                 self._prepare(run_dir, job, attempt)
-            launch.launch(self.params, echo=lambda line: print(line, flush=True), config=self.config,
+            self.launch(self.params, echo=lambda line: print(line, flush=True), config=self.config,
                           run_name=self.name, runs_root=self.sweep_dir, resume=True, progress=False,
                           nproc_per_node=self.nproc_per_node, **node_settings(env),
                           node0_state=None if node_rank == 0 else node0_state(run_dir, attempt))
@@ -309,27 +312,26 @@ class RunJob:
             if node_rank == 0 and stopped_by_sigterm(run_dir, e) and self._requeue(job, run_dir):
                 sys.exit(f"{self.name}: stopped by SIGTERM; requeued job {job}, it resumes from {run_dir}")
             if node_rank == 0:
-                _note(run_dir, error=launch._first_line(e), ended=_now())
+                _note(run_dir, error=first_line(e), ended=_now())
             raise
         if node_rank == 0:
             _note(run_dir, error=None, ended=_now())
             import matplotlib
             matplotlib.use("Agg")
-            launch.show_run(run_dir)  # loss.png, as the run notebook saves it
+            self.show(run_dir)  # loss.png, as the run notebook saves it
         return str(run_dir)
 
     def _prepare(self, run_dir: Path, job: str, attempt: str) -> None:
         """Node 0, before its trainer starts: a folder without a checkpoint aside, then this attempt's record (with
         the state the other nodes go by)."""
-        from . import launch
         record = read_json(run_dir / SLURM_RECORD) or {}
-        if launch.run_state(run_dir) == "broken":  # stopped before its first checkpoint: aside, start again
-            aside = launch.move_aside(run_dir, print)
+        if run_state(run_dir) == "broken":  # stopped before its first checkpoint: aside, start again
+            aside = move_aside(run_dir, print)
             print(f"# {run_dir.name}: no checkpoint, moved to {aside.name}, starting again", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomically(run_dir / SLURM_RECORD, {**record, "job_id": job, "node": _node(), "started": _now(),
                                                         "ended": None, "error": None, "attempt": attempt,
-                                                        "state": launch.run_state(run_dir),
+                                                        "state": run_state(run_dir),
                                                         "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))})
 
     def _requeue(self, job: str, run_dir: Path) -> bool:
@@ -493,7 +495,6 @@ def describe(info: dict | None, run_dir: Path) -> tuple[str, bool]:
 
 def job_error(run_dir: Path, info: dict | None) -> str:
     """Why a job that ended did not finish its run: the trainer's error, else the job's (its record, its log)."""
-    from .launch import _CAUSE
     summary = read_json(run_dir / "summary.json") or {}
     part = summary.get("resume") if summary.get("status") == "finished" else summary
     if part and part.get("error") and part.get("status") != "running":
@@ -504,21 +505,18 @@ def job_error(run_dir: Path, info: dict | None) -> str:
     log = Path(record.get("log", ""))
     if log.is_file():
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
-        causes = [line for line in lines if "slurmstepd" in line or _CAUSE.match(line)]
+        causes = [line for line in lines if "slurmstepd" in line or FAILURE_CAUSE.match(line)]
         if causes:
             return causes[-1]
     state = (info or {}).get("state")
     return f"job {record.get('job_id')} ended {state}" if state else f"job {record.get('job_id')} ended (no log)"
 
 
-def sweep(runs: list[tuple[str, dict]], sweep_dir: Path, nproc_per_node: int, config, s: dict,
-          tell, echo):
+def sweep(runs: list[tuple[str, dict]], cfgs: list, sweep_dir: Path, nproc_per_node: int, config, s: dict,
+          tell, echo, launch, show):
     """The slurm backend of launch.sweep (which has checked the runs, holds the sweep's lock and writes summary.csv):
     submit the runs that are neither finished nor queued as one array, watch every job to its end (unless
     slurm.wait is false). Returns the failed runs' errors."""
-    from . import launch
-    from .launch import resolve, run_state
-    cfgs = [resolve(p, nproc_per_node * s["nodes"], config) for _, p in runs]
     n = len(runs)
     s = check_cluster(resources(s, cfgs, nproc_per_node), n)
     known = {name: recorded_job(sweep_dir / name) for name, _ in runs}
@@ -538,18 +536,18 @@ def sweep(runs: list[tuple[str, dict]], sweep_dir: Path, nproc_per_node: int, co
             echo(f"[{i + 1}/{n}] {name}: finished, skipped")
             continue
         if state == "broken":
-            aside = launch.move_aside(run_dir, echo)
+            aside = move_aside(run_dir, echo)
             echo(f"[{i + 1}/{n}] {name}: no checkpoint, moved to {aside.name}, starting again")
         todo.append((name, p))
     try:
-        return _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell)
+        return _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell, launch, show)
     except KeyboardInterrupt:  # Ctrl-C, the notebook's stop button, a SIGTERM or SIGHUP of this process
         tell("interrupted: cancelling the sweep's jobs")
         cancel(sweep_dir, tell)
         raise
 
 
-def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell) -> dict[str, str]:
+def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell, launch, show) -> dict[str, str]:
     """One array for the runs to do (one sbatch: all of them or none), their job ids into their folders, then the
     watch over these and the jobs found still queued (watching: run name -> job id)."""
     folder = sweep_dir / JOBS_FOLDER
@@ -564,7 +562,8 @@ def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s
             write_json_atomically(sweep_dir / name / SLURM_RECORD, dict(
                 pending=dict(job_name=job_name, task=k, array=len(todo) > 1),
                 earlier_jobs=previous.get("earlier_jobs", []) + ([previous["job_id"]] if previous.get("job_id") else [])))
-        jobs = [RunJob(name, p, str(sweep_dir), nproc_per_node, config and str(config), s["max_requeues"])
+        jobs = [RunJob(name, p, str(sweep_dir), nproc_per_node, config and str(config), s["max_requeues"],
+                       launch, show)
                 for name, p in todo]
         t = time.time()
         submitted = ex.submit_array(jobs) if len(jobs) > 1 else [ex.submit(jobs[0])]
@@ -593,7 +592,6 @@ def watch(jobs: dict[str, str], sweep_dir: Path, order: list[str], poll_s: float
     """Follow the jobs (run name -> job id) to their ends with one squeue per poll_s, one line per change of a
     job's state. Returns the failed runs' errors. A job whose run was left `running` (killed past every handler)
     is recorded failed, as the local launcher records such a death."""
-    from .launch import _clock, _record_death
     seen: dict[str, str] = {}
     unlisted: dict[str, int] = {}  # polls in a row that squeue did not list the job
     ended: set[str] = set()
@@ -620,13 +618,13 @@ def watch(jobs: dict[str, str], sweep_dir: Path, order: list[str], poll_s: float
                     ended.add(name)
                     summary = read_json(run_dir / "summary.json") or {}
                     if summary.get("status") == "running":
-                        _record_death(run_dir, job_error(run_dir, info))
+                        record_death(run_dir, job_error(run_dir, info))
                     if not words.startswith("finished"):
                         errors[name] = job_error(run_dir, info)
                 if seen.get(name) != words:
                     seen[name] = words
                     tell(f"[{order.index(name) + 1}/{n}] {name}: job {job} {words} ({datetime.now():%H:%M:%S}, "
-                         f"{_clock(time.time() - start)} into the sweep)")
+                         f"{clock(time.time() - start)} into the sweep)")
         if len(ended) < len(jobs):
             time.sleep(poll_s)
     return errors

@@ -18,9 +18,11 @@ from pathlib import Path
 
 from .config import Config, medium, medium_x01
 from .model import count_params, window_blocks
+from .runfolder import parse_step_line
 from .streams import streams, table_params, tables
 
-PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, SXM: the one home of these
+PEAK_FLOPS = PEAK_BF16_FLOPS["H100"]  # the machine of the published runs
 HBM_BYTES_S = 3.35e12
 ALLREDUCE_BUS_BYTES_S = 360e9
 PUBLISHED = Path(__file__).resolve().parents[1] / "published"
@@ -87,7 +89,9 @@ def logged_step_avg(path: Path, section: str | None = None) -> float:
     if section is not None:
         text = re.split(r"^## ", text, flags=re.M)
         text = next(t for t in text if t.split("\n", 1)[0].strip() == section)
-    return float(re.findall(r"^step:(\d+)/\1 val_loss:\S+ train_time:\d+ms step_avg:([\d.]+)ms", text, re.M)[-1][1])
+    ends = [p for p in map(parse_step_line, text.splitlines()) if p and p["step"] == p["total"]
+            and p["val_loss"] is not None and p["step_avg_ms"] is not None]
+    return ends[-1]["step_avg_ms"]
 
 
 def references() -> list[tuple[str, Config, float]]:

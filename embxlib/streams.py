@@ -17,7 +17,8 @@ import re
 import typing
 from dataclasses import dataclass
 
-from .config import Config, next_multiple
+if typing.TYPE_CHECKING:  # (annotations only: the config imports this module to check token_lambdas)
+    from .config import Config
 
 # upstream's bigram hash (records/track_1_short/2026-01-19_BigramHashEmbedding): two odd multipliers spread
 # (prev, cur) over int32; position 0 of a sequence, which has no previous token, gets the table's last row
@@ -119,7 +120,7 @@ def table_params(cfg: Config) -> int:
 
 def bigram_rows(cfg: Config) -> int:
     """Rows of the bigram hash table: bigram_vocab_mult x the padded vocabulary (upstream 5 x 50,304)."""
-    return cfg.bigram_vocab_mult * next_multiple(cfg.vocab_size, 128)
+    return cfg.bigram_vocab_mult * cfg.head_vocab  # (the vocabulary padded to a multiple of 128)
 
 
 if typing.TYPE_CHECKING:

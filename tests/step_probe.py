@@ -12,6 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from embxlib import train
 from embxlib.config import tiny
+from embxlib.dist import Dist
+from embxlib.metrics import StepLines
 from embxlib.data import TokenStream, shard_files
 from embxlib.model import GPT
 from embxlib.optim import build_optimizers
@@ -72,14 +74,14 @@ def main(data_dir: str, out: str) -> None:
                bigram_embeds=int(os.environ.get("PROBE_BIGRAM", "0")),
                sparse_table_comm=os.environ.get("PROBE_SPARSE_COMM") == "1")
     device = torch.device("cpu")
-    D = train.Dist(device)
+    D = Dist(device)
     accum = cfg.grad_accum_steps(D.world)
     torch.manual_seed(0)
     model = GPT(cfg)
     adam, muon = build_optimizers(model, cfg, D.rank, D.world)
     stream = TokenStream(shard_files(data_dir, "train"), cfg.train_seq_len, D.rank, D.world, accum)
     window = torch.tensor(2, dtype=torch.int32)
-    lines = train.StepLines(Lines(), cfg.num_iterations, device, out)
+    lines = StepLines(Lines(), cfg.num_iterations, device, out)
     result = {}
     for step in range(2):
         batches = [stream.next(device) for _ in range(accum)]

@@ -91,7 +91,7 @@ def test_relative_paths_mean_the_same_from_nbs_as_from_the_root(monkeypatch, tmp
 
 def test_explorer_toggles_variants_zooms_switches_axes_smooths_and_reads_points(x0):
     val, train, lam = x0
-    ex = plots.explore(val, train, lam)
+    ex = explore.explore(val, train, lam)
     assert list(ex.variant_boxes) == ["x00-ve2", "x01-ve2"]
     assert len(ex.visible_lines()) == 48  # 24 runs: a validation and a training curve each
     assert ex.ax.get_xlim() == (1.0, 200.0) or ex.ax.get_xlim() == (0.0, 200.0)
@@ -159,7 +159,7 @@ def test_analysis_lambda_figures_draw_every_run_and_the_mean_says_where_signs_di
 
 
 def test_explorer_figure_saves_as_a_static_png(x0, tmp_path):
-    ex = plots.explore(*x0)
+    ex = explore.explore(*x0)
     path = ex.save(tmp_path / "explore")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
@@ -215,9 +215,9 @@ def test_zoom_y_range_fits_the_curves_not_a_far_target():
 
 @pytest.mark.slow
 def test_in_a_kernel_in_nbs_paths_work_figures_display_and_the_explorer_is_a_widget(tmp_path):
-    cells = ["from embxlib import plots, runs\nval = runs.load_runs(['runs/cpu-x0'])\nprint(val['run'].nunique())",
+    cells = ["from embxlib import plots, runs\nfrom embxlib.explore import explore\nval = runs.load_runs(['runs/cpu-x0'])\nprint(val['run'].nunique())",
              "plots.plot_val_loss(val)",
-             "plots.explore(val, runs.load_train_loss(['runs/cpu-x0']), runs.load_lambdas(['runs/cpu-x0']))"]
+             "explore(val, runs.load_train_loss(['runs/cpu-x0']), runs.load_lambdas(['runs/cpu-x0']))"]
     nbformat.write(new_notebook(cells=[new_code_cell(c) for c in cells],
                                 metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                          "language": "python"}}), tmp_path / "probe.ipynb")
@@ -241,7 +241,7 @@ def live_run(corpus, tmp_path_factory):
              "--data-dir", str(corpus), "--run-dir", str(run_dir)]
     proc = subprocess.Popen([PYTHON, "-m", "embxlib.train", *steps], env=python_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    view = plots.watch(run_dir, every=0.2)
+    view = explore.watch(run_dir, every=0.2)
     seen = []  # (train points, val points) drawn, as the test saw them while the run trained
     try:
         while proc.poll() is None:

@@ -5,6 +5,7 @@ import torch
 
 from embxlib import memory, train
 from embxlib.config import medium, medium_x01, tiny
+from embxlib.dist import Dist
 from embxlib.data import shard_files
 from embxlib.model import GPT
 
@@ -18,7 +19,7 @@ def validation_peak(corpus, val_seq_len: int, chunk: int) -> int:
     torch.manual_seed(0)
     model = GPT(cfg)
     model.loss_chunk = chunk
-    D = train.Dist(torch.device("cpu"))
+    D = Dist(torch.device("cpu"))
     with memory.PeakMemory(*model.parameters(), *model.buffers()) as pm:
         loss, norms = train.evaluate(model, model, cfg, shard_files(corpus, "val"), cfg.val_steps(1), D,
                                      torch.device("cpu"), torch.tensor(2))

@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from embxlib import launch
+from embxlib.checkpoint import run_state
 from embxlib.config import field_help
 from conftest import FAST, PYTHON, ROOT, python_env
+from faults import in_trainers
 
 NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
 
@@ -121,12 +123,14 @@ def test_unknown_sweep_parameter_fails_fast(tmp_path):
 
 
 @pytest.mark.slow
-def test_failing_rank_fails_the_notebook_and_leaves_no_process(corpus, tmp_path):
+def test_failing_rank_fails_the_notebook_and_leaves_no_process(corpus, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
+    for k, v in in_trainers(fail_at_step=1, fail_rank=1).items():  # the trainers the notebook starts fail
+        monkeypatch.setenv(k, v)
     with pytest.raises(pm.PapermillExecutionError) as err:
         pm.execute_notebook(str(ROOT / "nbs" / "run_variant.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(ROOT),
-                            progress_bar=False, parameters={**fast_params(corpus), "nproc_per_node": 2, "fail_at_step": 1,
-                                                            "fail_rank": 1, "run_name": "boom", "runs_root": str(runs)})
+                            progress_bar=False, parameters={**fast_params(corpus), "nproc_per_node": 2,
+                                                            "run_name": "boom", "runs_root": str(runs)})
     assert "injected fault at step 1 on rank 1" in str(err.value)
     time.sleep(1)
     assert no_process_mentions(str(runs / "boom"))
@@ -152,13 +156,15 @@ def test_sweep_runs_each_variant_once(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_resumes_an_interrupted_run(corpus, tmp_path):
+def test_sweep_resumes_an_interrupted_run(corpus, tmp_path, monkeypatch):
     sweep_dir = tmp_path / "sweep"
     base = {**fast_params(corpus), "num_iterations": 4, "save_every": 2}
-    with pytest.raises(launch.LaunchError, match="injected fault"):
+    with pytest.raises(launch.LaunchError, match="injected fault"), monkeypatch.context() as m:
+        for k, v in in_trainers(fail_at_step=3).items():
+            m.setenv(k, v)
         launch.launch({**base, "extra_embeds": 1, "seed": 0}, run_name="extra_embeds1_s0", runs_root=str(sweep_dir),
-                      fail_at_step=3, progress=False)
-    assert launch.run_state(sweep_dir / "extra_embeds1_s0") == "resumable"
+                      progress=False)
+    assert run_state(sweep_dir / "extra_embeds1_s0") == "resumable"
     said = []
     table = launch.sweep({"extra_embeds": [1]}, [0], base, sweep_dir, echo=said.append)
     assert any("resuming" in s for s in said) and table.status.tolist() == ["finished"]

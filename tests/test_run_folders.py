@@ -15,6 +15,7 @@ import pytest
 from embxlib import launch, train
 from embxlib.runfolder import RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name
 from conftest import FAST, PYTHON, ROOT, python_env
+from faults import fail_at
 from test_notebooks import fast_params
 
 
@@ -73,11 +74,12 @@ def test_a_resume_that_fails_keeps_what_the_run_had(fast_args, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_mid_write(fast_args, tmp_path):
+def test_resume_after_a_crash_mid_write(fast_args, tmp_path, monkeypatch):
     """Torn last lines in metrics.jsonl and log.txt and half-written .tmp files, as a SIGKILL mid-write leaves them."""
     run = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="injected fault"):
-        train.main(fast_args(run, "--num-iterations", "6", "--save-every", "2", "--fail-at-step", "3"))
+    with pytest.raises(RuntimeError, match="injected fault"), monkeypatch.context() as m:
+        fail_at(3, monkeypatch=m)
+        train.main(fast_args(run, "--num-iterations", "6", "--save-every", "2"))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "val_loss": 10.6, "train_ti')
     with open(run / "log.txt", "a") as f:
@@ -463,3 +465,18 @@ def test_a_trainer_killed_outright_under_the_launcher_is_recorded_by_it(corpus, 
     assert summary["status"] == "failed" and "SIGKILL" in summary["error"], summary
     assert "recorded by the launcher" in summary["error"]
     assert not (run / RUN_LOCK).exists()
+
+
+def test_the_step_line_format_and_its_parser_agree():
+    """log.txt's step lines are written by runfolder.step_line and read by runfolder.parse_step_line (the launcher's
+    progress, the GPU check, the step-time model): one format."""
+    from embxlib.runfolder import parse_step_line, step_line
+    val = step_line(0, 200, 0.0, val_loss=10.825812)
+    train_line = step_line(3, 200, 4567.4, train_loss=7.34512)
+    assert val == "step:0/200 val_loss:10.825812 train_time:0ms step_avg:0.00ms"
+    assert train_line == "step:3/200 train_loss:7.3451 train_time:4567ms step_avg:1522.47ms"
+    assert parse_step_line(val) == dict(step=0, total=200, val_loss=10.825812, train_loss=None, train_time_ms=0.0,
+                                        step_avg_ms=0.0)
+    assert parse_step_line(train_line)["train_loss"] == 7.3451 and parse_step_line(train_line)["val_loss"] is None
+    assert parse_step_line("[rank0]: " + val) is None and parse_step_line("[rank0]: " + val, anywhere=True)["step"] == 0
+    assert parse_step_line("# stopped at step 3 of 6 (--max-steps)") is None

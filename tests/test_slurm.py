@@ -16,7 +16,7 @@ import pytest
 
 from embxlib import launch, slurm
 from embxlib.runfolder import SLURM_RECORD, read_json
-from embxlib.train import CHECKPOINT, peek_checkpoint
+from embxlib.checkpoint import CHECKPOINT, peek_checkpoint
 from conftest import PYTHON, ROOT, python_env
 from slurm_cluster import Cluster, missing
 from test_notebooks import fast_params
@@ -324,9 +324,12 @@ def test_a_two_node_job_runs_one_launcher_per_node_with_the_rendezvous_from_slur
     cfg = launch.resolve({"preset": "medium"}, 8)
     settings = launch.check_settings(dict(nproc_per_node=4, **slurm.node_settings({**env, "SLURM_NODEID": "1"}),
                                           run_name="r", runs_root=str(tmp_path)))
-    cmd = launch.command(cfg, {"preset": "medium"}, settings, tmp_path / "r", resume=False)
+    cmd = launch.command(settings, tmp_path / "r", resume=False)
     assert cmd[3:8] == ["--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=gpu03",
                         "--master_port=24711"], cmd
+    # every node's trainer starts from the config the launcher validated and wrote into the run folder
+    assert cmd[-4:] == ["--run-dir", str(tmp_path / "r"), "--config", str(tmp_path / "r" / "config.json")], cmd
+    assert cfg.preset == "medium"
     assert slurm.node_settings({}) == dict(nnodes=1, node_rank=0)
     # the other nodes start as node 0 decided for this attempt (new or resume), whatever the folder shows later
     run = tmp_path / "r"

@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from embxlib import train
+from embxlib.checkpoint import load_checkpoint
+from embxlib.config import Config
+from embxlib.runfolder import RunLog
 from conftest import FAST, PYTHON, python_env
 
 FAST32 = [*FAST, "--precision", "fp32"]
@@ -80,7 +83,7 @@ def test_a_stopped_run_says_so_and_resumes_bit_for_bit(corpus, tmp_path, monkeyp
     run, signum = tmp_path / "run", getattr(signal, signame)
     with monkeypatch.context() as m:
         if moment == "step boundary":  # right after step 3's line is logged
-            send_at(m, train.RunLog, "line", lambda self, s, *a, **k: s.startswith("step:3/6 train_loss"), signum)
+            send_at(m, RunLog, "line", lambda self, s, *a, **k: s.startswith("step:3/6 train_loss"), signum)
         elif moment == "mid-step":  # step 4 (index 3): after its backward, before the optimisers step
             send_at(m, train, "apply_schedules", lambda step, *a: step == 3, signum)
         else:  # while the step-4 checkpoint is being written: half of it is in checkpoint.pt.tmp
@@ -240,12 +243,12 @@ def test_no_checkpoint_advice_does_not_go_in_a_circle(corpus, tmp_path):
 def test_a_corrupt_checkpoint_is_called_corrupt(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(os.urandom(4096))
     with pytest.raises(ValueError, match=r"checkpoint.pt: corrupt: not a checkpoint as torch.save writes one") as e:
-        train.load_checkpoint(tmp_path / "checkpoint.pt")
+        load_checkpoint(tmp_path / "checkpoint.pt")
     assert "could run code" not in str(e.value)
 
 
 def test_the_log_names_the_interpreter_and_the_torch_build():
-    cfg = train.Config()
+    cfg = Config()
     lines = train.header_lines(cfg, ["python -m embxlib.train"], 1, 1, torch.device("cpu"), "abc (clean)")
     found = [s for s in lines if s.startswith("python: ")]
     assert found == [f"python: {os.sys.executable}; torch: {torch.__version__} (git {torch.version.git_version}, "
@@ -254,7 +257,7 @@ def test_the_log_names_the_interpreter_and_the_torch_build():
 
 def test_the_launcher_reads_which_python_trained(tmp_path):
     from embxlib import launch
-    lines = train.header_lines(train.Config(), ["x"], 1, 1, torch.device("cpu"), "abc (clean)")
+    lines = train.header_lines(Config(), ["x"], 1, 1, torch.device("cpu"), "abc (clean)")
     (tmp_path / "log.txt").write_text("\n".join(lines) + "\nstep:0/4 val_loss:10.8 train_time:0ms step_avg:0ms\n")
     assert launch.trained_with(tmp_path) == os.sys.executable
     assert launch.trained_with(tmp_path / "missing") is None

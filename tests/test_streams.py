@@ -16,7 +16,7 @@ from embxlib.config import Config, medium_x01, tiny, variant_name
 from embxlib.model import GPT, count_params
 from embxlib.stats import final_lambdas, is_mixing_stream, mixing_shares
 from embxlib.streams import scalar_layout, stream_kind, streams, table_params, tables
-from embxlib.train import lambda_record
+from embxlib.metrics import lambda_record
 
 # every combination of the stream-adding fields, on a model small enough to build many times
 VARIANTS = [dict(extra_embeds=e, bigram_embeds=b, token_lambdas=t, ve_gates=g, value_embeds=v)

@@ -9,6 +9,7 @@ import pytest
 
 from embxlib import train
 from conftest import FAST, PYTHON, python_env
+from faults import fail_at
 
 pytestmark = pytest.mark.slow
 VAL = re.compile(r"^step:(\d+)/(\d+) val_loss:([\d.na]+) train_time:(\d+)ms", re.M)
@@ -131,11 +132,12 @@ def _muon_params(ck):
     return attn + mlp
 
 
-def test_killed_run_resumes_to_the_same_loss(fast_args, tmp_path):
+def test_killed_run_resumes_to_the_same_loss(fast_args, tmp_path, monkeypatch):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     train.main(fast_args(full, "--num-iterations", "6", "--save-every", "2"))
-    with pytest.raises(RuntimeError, match="injected fault at step 3"):
-        train.main(fast_args(crashed, "--num-iterations", "6", "--save-every", "2", "--fail-at-step", "3"))
+    with pytest.raises(RuntimeError, match="injected fault at step 3"), monkeypatch.context() as m:
+        fail_at(3, monkeypatch=m)
+        train.main(fast_args(crashed, "--num-iterations", "6", "--save-every", "2"))
     assert read_json(crashed / "summary.json")["status"] == "failed"
     assert "FAILED" in (crashed / "log.txt").read_text() and "step:3/6 train_loss" in (crashed / "log.txt").read_text()
     train.main(["--resume", str(crashed)])

@@ -56,12 +56,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from . import ROOT  # noqa: E402
 from .config import EOT_TOKEN, Config, cpu_bf16_matmul, medium_x01, tiny  # noqa: E402
 from .data import read_shard, shard_files, write_shard  # noqa: E402
 from .model import GPT, HeadLoss, SoftCap, attend, dense_mask, document_ids, flex_block_mask  # noqa: E402
 from .runfolder import parse_step_line, read_json, write_json_atomically  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(train_seq_len=1024, window_max=512, attn_block_size=128)  # FlexAttention's CUDA tiles need 128 blocks
 RUN_FLAGS = ["--no-coordinate-descent-tuning", "--warmup-steps", "3", "--no-save-checkpoint"]
 UPSTREAM_X01_LOG = (ROOT / "published" / "modded-nanogpt-logs" /

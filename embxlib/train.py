@@ -49,7 +49,7 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 from .config import Config, add_config_args, config_differences, config_from_args, cpu_bf16_matmul  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
-from .optim import apply_schedules, build_optimizers  # noqa: E402
+from .optim import apply_schedules, build_optimizers, build_snoo  # noqa: E402
 from .runfolder import (MAX_NAME_BYTES, RUN_LOCK, SLURM_RECORD, FolderLock, FolderLocked, end_torn_line,  # noqa: E402
                         lock_info, process_alive, read_json, read_jsonl, remove_stale_tmp, write_atomically,
                         write_json_atomically, write_text_atomically)
@@ -659,6 +659,7 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
             dist.broadcast(p.data, 0)
     num_params = sum(p.numel() for p in model.parameters())
     adam, muon = build_optimizers(model, cfg, D.rank, D.world)
+    snoo = build_snoo(model, cfg)  # Snoo (medium records 12, 14-16) over all parameters, after the broadcast; None: off
     fwd = torch.compile(model, dynamic=False) if cfg.compile else model
     stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world, accum, repeat=cfg.repeat_data,
                          order_seed=cfg.seed if cfg.shuffle_data else None)
@@ -668,6 +669,8 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
         model.load_state_dict(ck["model"])
         adam.load_state_dict(ck["adam"])
         muon.load_state_dict(ck["muon"])
+        if snoo is not None:  # Snoo's outer copy, momentum and call count
+            snoo.load_state_dict(ck["snoo"])
         stream.load_state_dict(ck["stream"])
         step, train_ms = ck["step"], ck["train_time_ms"]
         # the step is validated again when it is a validation step or the end (its new record then replaces the
@@ -691,7 +694,7 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
         return windows[w]
 
     def step_fn(step_idx, batches):
-        return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum)
+        return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum, snoo=snoo)
 
     if cfg.compile:  # minutes on a CPU before the first step line: say what is happening
         warm = cfg.warmup_steps and not args.resume
@@ -701,7 +704,8 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
                  + "; the first validation compiles its own graph; on a CPU this takes minutes before the first step")
     # without compile there is nothing to warm up: the steps would only cost time
     if cfg.compile and cfg.warmup_steps and not args.resume:  # let torch.compile see every shape, then forget them
-        state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict()))
+        state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
+                                   snoo=snoo.state_dict() if snoo is not None else None))  # Snoo's too, as upstream
         for i in range(cfg.warmup_steps):
             # contiguous like the stream's batches: a slice's strides would make the first real step recompile
             x, y = (torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len), device=device) for _ in range(2))
@@ -710,6 +714,8 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
         model.load_state_dict(state["model"])
         adam.load_state_dict(state["adam"])
         muon.load_state_dict(state["muon"])
+        if snoo is not None:
+            snoo.load_state_dict(state["snoo"])
         del state
 
     N = cfg.num_iterations
@@ -740,7 +746,7 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
             lines.flush()
             train_ms += 1000 * (time.perf_counter() - t0)
             muon.gather_state()  # (collective: every rank) the momenta and mantissas each rank keeps for its own matrices
-            save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg)
+            save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg, snoo=snoo)
             muon.drop_foreign_state()
             t0 = time.perf_counter()
         if last:
@@ -769,7 +775,7 @@ def _train_loop(cfg, args, D: Dist, device, accum, val_steps, train_files, val_f
     return summary
 
 
-def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, window, accum: int):
+def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, window, accum: int, snoo=None):
     """One optimiser step over the micro-batches, in upstream's order and without a host sync: the gradients are
     reduced asynchronously, Adam's first, so that Adam steps while Muon's are still in flight. Returns the
     (rank-local until waited for) mean loss on the device and the work of its reduction (StepLines reads it)."""
@@ -794,6 +800,8 @@ def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, win
     adam.step()
     D.wait(muon_grads)
     muon.step()
+    if snoo is not None:  # Snoo after Adam and Muon, as upstream (it never touches .grad)
+        snoo.step()
     model.zero_grad(set_to_none=True)
     return total, loss_mean
 
@@ -897,11 +905,13 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
                          f"it could run code") from None
 
 
-def save_checkpoint(run_dir, is_rank0, model, adam, muon, stream, step, train_ms, history, cfg):
+def save_checkpoint(run_dir, is_rank0, model, adam, muon, stream, step, train_ms, history, cfg, snoo=None):
     if not is_rank0:
         return
     ck = dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(), stream=stream.state_dict(),
               step=step, train_time_ms=train_ms, history=history, config=cfg.to_dict())
+    if snoo is not None:  # Snoo's state (the same on every rank)
+        ck["snoo"] = snoo.state_dict()
     write_atomically(run_dir / CHECKPOINT, lambda f: torch.save(ck, f))  # never a half-written checkpoint
 
 

@@ -58,8 +58,8 @@ class Config:
     attn_block_size: int = 64  # granularity of the window schedule in tokens (upstream 128, FlexAttention's block)
     attn_scale: float = 0.17  # softmax scale on QK-normed heads (upstream 0.12 at head_dim 128)
     logit_softcap: float = 15.0  # ISRU soft-cap of the logits: c * z / sqrt(z^2 + c^2)
-    backout_layer: int = -1  # before the head x = norm(x) l0 + norm(output of this layer) l1, l from (1, 0) (record 15: 11); -1: off
-    smear: bool = False  # after the final norm x[:, 1:] += l x[:, :-1], l from 0 (record 16's Smear-MTP)
+    backout_layer: int = -1  # before the head x becomes norm(x) l0 + norm(output of this layer) l1, l from (1, 0) (record 15: 11); -1: off
+    smear: bool = False  # after the final norm each position adds l times the one before it, l from 0 (record 16's Smear-MTP)
     precision: str = "bf16"  # bf16: upstream's policy (bf16 tables, blocks, residual; fp32 masters); fp32: all fp32
 
     # --- embedding variants (the subject of the seed experiments) ---
@@ -95,10 +95,10 @@ class Config:
     muon_momentum_start: float = 0.85  # Muon momentum at step 0
     muon_momentum_warmup_steps: int = 300  # steps of the linear momentum warm-up
     muon_weight_decay: float = 0.01  # decoupled weight decay of Muon (times 2 on the MLP, as upstream)
-    muon_smoothing: float = 0.0  # Muon update smoothing s (a bf16 buffer buf = s buf + (1 - s) v; medium records 13-16); 0: off
+    muon_smoothing: float = 0.0  # Muon update smoothing s (a bf16 buffer becomes s buf + (1 - s) v; medium records 13-16); 0: off
     muon_smoothing_start: float = 0.0  # smoothing s at step 0 when muon_smoothing_steps > 0 (record 13: 0.5)
     muon_smoothing_steps: int = 0  # steps of the linear move of s from muon_smoothing_start to muon_smoothing (record 13: 3000); 0: s fixed
-    muon_smoothing_mode: str = "ema"  # the update Muon applies: ema (v = buf, records 14-16) or nesterov (v = s buf + (1 - s) v, record 13)
+    muon_smoothing_mode: str = "ema"  # the update Muon applies: ema (the buffer, records 14-16) or nesterov (s buf + (1 - s) v again, record 13)
     final_lr_frac: float = 0.0  # the lr multiplier's floor at the end of the cooldown (records 13-16: 0.01)
     snoo_every: int = 0  # Snoo outer optimiser over all parameters every this many steps (records 12, 14-16: 28); 0: off
     snoo_lr: float = 0.68  # Snoo's SGD-Nesterov lr on the outer gradient (outer copy - current weights)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim.sgd import sgd as functional_sgd  # torch.optim.SGD's step on explicit gradient lists (Snoo)
 
 from . import streams as spec
 from .config import Config
@@ -268,7 +269,7 @@ class Snoo:
                 grads.append(o - p)
                 p.copy_(o)
             bufs = list(self.momentum_buffers)  # (the functional step fills Nones on its first call)
-            torch.optim.sgd.sgd(self.params, grads, bufs, fused=True, weight_decay=0.0, momentum=self.momentum,
+            functional_sgd(self.params, grads, bufs, fused=True, weight_decay=0.0, momentum=self.momentum,
                                 lr=self.lr, dampening=0.0, nesterov=True, maximize=False)
             self.momentum_buffers = bufs
             for p, o in zip(self.params, self.outer):

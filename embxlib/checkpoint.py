@@ -40,11 +40,13 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
                          f"it could run code") from None
 
 
-def save_checkpoint(run_dir, is_rank0, model, adam, muon, stream, step, train_ms, history, cfg):
+def save_checkpoint(run_dir, is_rank0, model, adam, muon, stream, step, train_ms, history, cfg, snoo=None):
     if not is_rank0:
         return
     ck = dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(), stream=stream.state_dict(),
               step=step, train_time_ms=train_ms, history=history, config=cfg.to_dict())
+    if snoo is not None:  # Snoo's state (the same on every rank)
+        ck["snoo"] = snoo.state_dict()
     write_atomically(run_dir / CHECKPOINT, lambda f: torch.save(ck, f))  # never a half-written checkpoint
 
 

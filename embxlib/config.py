@@ -27,7 +27,8 @@ from .streams import input_streams
 # fields that take one of a few values: the CLI offers them as choices, validate() enforces them
 CHOICES = {"ve_layout": ("upstream", "mirrored", "adjacent"), "ve_gates": ("off", "x", "x_ve"), "precision": ("bf16", "fp32"),
            "device": ("auto", "cpu", "cuda"), "attention": ("auto", "flex", "sdpa"), "fused_loss": ("auto", "on", "off"),
-           "sparse_table_grads": ("auto", "on", "off")}
+           "sparse_table_grads": ("auto", "on", "off"),
+           "muon_smoothing_mode": ("ema", "nesterov")}
 
 # FlexAttention on CUDA: the block size must be a multiple of every tile of torch inductor's default kernel configs
 # on sm80/sm90/sm100 (bf16 and fp32, head_dim <= 256): on sm90 bf16 head_dim 64 they are 128x128 forward and
@@ -45,7 +46,7 @@ EOT_TOKEN = 50256  # <|endoftext|>, also the document separator of the data shar
 @dataclass
 class Config:
     # --- run identity ---
-    preset: str = "tiny"  # preset the other fields started from (tiny, medium, medium_x01)
+    preset: str = "tiny"  # preset the other fields started from (tiny, medium, medium_x01, medium_r12..medium_r17)
     name: str = ""  # variant label used in run-folder names and analysis; empty: derived from the variant fields
     seed: int = 0  # seed of the initialisation, and of the data order with shuffle_data
 
@@ -63,6 +64,8 @@ class Config:
     attn_block_size: int = 64  # granularity of the window schedule in tokens (upstream 128, FlexAttention's block)
     attn_scale: float = 0.17  # softmax scale on QK-normed heads (upstream 0.12 at head_dim 128)
     logit_softcap: float = 15.0  # ISRU soft-cap of the logits: c * z / sqrt(z^2 + c^2)
+    backout_layer: int = -1  # before the head x becomes norm(x) l0 + norm(output of this layer) l1, l from (1, 0) (record 15: 11); -1: off
+    smear: bool = False  # after the final norm each position adds l times the one before it, l from 0 (record 16's Smear-MTP)
     precision: str = "bf16"  # bf16: upstream's policy (bf16 tables, blocks, residual; fp32 masters); fp32: all fp32
 
     # --- embedding variants (the subject of the seed experiments) ---
@@ -98,6 +101,14 @@ class Config:
     muon_momentum_start: float = 0.85  # Muon momentum at step 0
     muon_momentum_warmup_steps: int = 300  # steps of the linear momentum warm-up
     muon_weight_decay: float = 0.01  # decoupled weight decay of Muon (times 2 on the MLP, as upstream)
+    muon_smoothing: float = 0.0  # Muon update smoothing s (a bf16 buffer becomes s buf + (1 - s) v; medium records 13-16); 0: off
+    muon_smoothing_start: float = 0.0  # smoothing s at step 0 when muon_smoothing_steps > 0 (record 13: 0.5)
+    muon_smoothing_steps: int = 0  # steps of the linear move of s from muon_smoothing_start to muon_smoothing (record 13: 3000); 0: s fixed
+    muon_smoothing_mode: str = "ema"  # the update Muon applies: ema (the buffer, records 14-16) or nesterov (s buf + (1 - s) v again, record 13)
+    final_lr_frac: float = 0.0  # the lr multiplier's floor at the end of the cooldown (records 13-16: 0.01)
+    snoo_every: int = 0  # Snoo outer optimiser over all parameters every this many steps (records 12, 14-16: 28); 0: off
+    snoo_lr: float = 0.68  # Snoo's SGD-Nesterov lr on the outer gradient (outer copy - current weights)
+    snoo_momentum: float = 0.37  # Snoo's SGD-Nesterov momentum
 
     # --- validation and logging ---
     val_tokens: int = 16384  # tokens per validation, fixed for comparability (upstream 10,485,760)
@@ -209,10 +220,11 @@ class Config:
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f.name, "must be a finite number")
         for name in ("embed_lr", "head_lr", "scalar_lr", "token_lambda_lr", "bigram_lr", "muon_lr", "muon_weight_decay",
-                     "adam_eps", "ve_init_std"):
+                     "adam_eps", "ve_init_std", "snoo_lr"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0 (torch's optimizers refuse a negative value)")
-        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start", "muon_smoothing",
+                     "muon_smoothing_start", "snoo_momentum", "final_lr_frac"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "must be in [0, 1)")
         for name in ("logit_softcap", "attn_scale"):
@@ -224,7 +236,8 @@ class Config:
                      "vocab_size", "ve_span", "bigram_vocab_mult"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("extra_embeds", "value_embeds", "save_every", "warmup_steps", "ve_shift", "muon_momentum_warmup_steps"):
+        for name in ("extra_embeds", "value_embeds", "save_every", "warmup_steps", "ve_shift", "muon_momentum_warmup_steps",
+                     "muon_smoothing_steps", "snoo_every"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         L = self.num_layers
@@ -260,6 +273,8 @@ class Config:
             early = [i for i, t in enumerate(self._layout_map()[: L // 2]) if t is not None]
             if early and max(early) + self.ve_shift >= L // 2:
                 bad("ve_shift", f"shifted early layers {early} must stay in the first half (< {L // 2})")
+        if not -1 <= self.backout_layer < L:
+            bad("backout_layer", f"-1 (off) or a layer 0..{L - 1}")
         for i in self.ve_remove:
             if not 0 <= i < L:
                 bad("ve_remove", f"layer {i} does not exist; allowed 0..{L - 1}")
@@ -403,6 +418,19 @@ def variant_name(cfg: Config) -> str:
         parts.append(f"tl{cfg.token_lambdas}")
     if cfg.bigram_embeds:
         parts.append("bigram" + (str(cfg.bigram_vocab_mult) if cfg.bigram_vocab_mult != 5 else ""))
+    if cfg.backout_layer >= 0:
+        parts.append(f"backout{cfg.backout_layer}")
+    if cfg.smear:
+        parts.append("smear")
+    if cfg.snoo_every:
+        parts.append(f"snoo{cfg.snoo_every}" + (f"lr{cfg.snoo_lr:g}" if cfg.snoo_lr != 0.68 else "")
+                     + (f"m{cfg.snoo_momentum:g}" if cfg.snoo_momentum != 0.37 else ""))
+    if cfg.muon_smoothing > 0 or (cfg.muon_smoothing_steps > 0 and cfg.muon_smoothing_start > 0):
+        parts.append(f"smooth{cfg.muon_smoothing:g}"
+                     + (f"from{cfg.muon_smoothing_start:g}over{cfg.muon_smoothing_steps}" if cfg.muon_smoothing_steps else "")
+                     + ("nesterov" if cfg.muon_smoothing_mode == "nesterov" else ""))
+    if cfg.final_lr_frac:
+        parts.append(f"lrfloor{cfg.final_lr_frac:g}")
     if cfg.precision != "bf16":
         parts.append(cfg.precision)
     return "-".join(parts)
@@ -433,7 +461,53 @@ def medium_x01(**kw) -> Config:
                      "compiled_autograd": False, **kw})
 
 
-PRESETS: dict[str, typing.Callable[..., Config]] = {"tiny": tiny, "medium": medium, "medium_x01": medium_x01}
+# the medium records built on x01 (records/track_2_medium at f411b3d3; each script is its log's text before the first
+# "=====" line). Each keeps x01's model, tables and schedules except what it names.
+
+def medium_r12(**kw) -> Config:
+    """Medium record 12 (2025-09-16_Snoo): x01 + Snoo over all parameters every 28 steps (lr 0.68, momentum 0.37),
+    Muon lr 0.027, 5640 steps."""
+    return medium_x01(**{"preset": "medium_r12", "snoo_every": 28, "snoo_lr": 0.68, "snoo_momentum": 0.37,
+                         "muon_lr": 0.027, "num_iterations": 5640, **kw})
+
+
+def medium_r13(**kw) -> Config:
+    """Medium record 13 (2025-09-17_UpdateSmoothing): x01 + Muon update smoothing (bf16 buffer, the Nesterov-like
+    v = s buf + (1 - s) v, s from 0.5 to 0.2 over 3000 steps), Muon lr 0.03, lr floor 0.01, 5610 steps."""
+    return medium_x01(**{"preset": "medium_r13", "muon_smoothing": 0.2, "muon_smoothing_start": 0.5,
+                         "muon_smoothing_steps": 3000, "muon_smoothing_mode": "nesterov", "muon_lr": 0.03,
+                         "final_lr_frac": 0.01, "num_iterations": 5610, **kw})
+
+
+def medium_r14(**kw) -> Config:
+    """Medium record 14 (2025-09-30_SmoothedSnooMedium): record 12 + a plain EMA of Muon's update (v = buf,
+    s = 0.2 fixed), Muon lr 0.03, lr floor 0.01, 5590 steps."""
+    return medium_r12(**{"preset": "medium_r14", "muon_smoothing": 0.2, "muon_smoothing_mode": "ema",
+                         "muon_lr": 0.03, "final_lr_frac": 0.01, "num_iterations": 5590, **kw})
+
+
+def medium_r15(**kw) -> Config:
+    """Medium record 15 (2025-10-04_GPT2MediumLayerReuse): record 14 + backout, x = norm(x) l0 + norm(output of
+    layer 11) l1 before the head (two scalars from 1, 0), 5550 steps."""
+    return medium_r14(**{"preset": "medium_r15", "backout_layer": 11, "num_iterations": 5550, **kw})
+
+
+def medium_r16(**kw) -> Config:
+    """Medium record 16 (2025-11-02-Smear-MTP): record 15 + smear, x[:, 1:] += l x[:, :-1] after the backout (one
+    scalar from 0), in training and validation, 5535 steps."""
+    return medium_r15(**{"preset": "medium_r16", "smear": True, "num_iterations": 5535, **kw})
+
+
+def medium_r17(**kw) -> Config:
+    """Medium record 17 (2025-11-12_BlockMaskRedundantOp) = record 16: upstream dropped a redundant term of the
+    block mask, a form embxlib's block mask already has; numerically the same model and training (an alias)."""
+    return medium_r16(**{"preset": "medium_r17", **kw})
+
+
+PRESETS: dict[str, typing.Callable[..., Config]] = {"tiny": tiny, "medium": medium, "medium_x01": medium_x01,
+                                                    "medium_r12": medium_r12, "medium_r13": medium_r13,
+                                                    "medium_r14": medium_r14, "medium_r15": medium_r15,
+                                                    "medium_r16": medium_r16, "medium_r17": medium_r17}
 
 
 # --- CLI generated from the fields ---------------------------------------------------------------

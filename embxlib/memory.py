@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import Config
 from .model import GPT
-from .optim import apply_schedules, build_optimizers
+from .optim import apply_schedules, build_optimizers, build_snoo
 
 GiB = 2**30
 
@@ -88,6 +88,9 @@ def measure(model: GPT, cfg: Config, train: bool = True, tokens: torch.Tensor | 
     out = dict(parameters=_bytes(model.parameters()), buffers=_bytes(model.buffers()))
     if train:
         adam, muon = build_optimizers(model, cfg)
+        snoo = build_snoo(model, cfg)  # (its outer copy is made before the step: static, like the parameters)
+        if snoo is not None:
+            params += snoo.outer
         with PeakMemory(*params) as pm:
             for _ in range(2):
                 model(x, y, window).backward()
@@ -95,9 +98,13 @@ def measure(model: GPT, cfg: Config, train: bool = True, tokens: torch.Tensor | 
                 apply_schedules(cfg.num_iterations // 2, cfg, adam, muon)
                 adam.step()
                 muon.step()
+                if snoo is not None:
+                    snoo.step()
                 model.zero_grad(set_to_none=True)
         state = [t for opt in (adam, muon) for st in opt.state.values() for t in st.values()
                  if isinstance(t, torch.Tensor) and t.dim()]
+        if snoo is not None:  # Snoo's outer copy and momentum
+            state += snoo.outer + [b for b in snoo.momentum_buffers if b is not None]
         out["optimizer"] = _bytes(state)
     else:
         model.eval()
@@ -199,7 +206,11 @@ def compiled_train_estimate(cfg: Config, world_size: int) -> dict:
     tokens = cfg.train_seq_len
     logits = tokens * cfg.head_vocab * 2  # bf16
     muon_state = sum(p.numel() * (4 + (2 if p.dtype == torch.bfloat16 else 0)) for p in owned)  # momentum, mantissa
-    out = dict(parameters=nbytes(model.parameters()), optimizer=2 * nbytes(adam_params) + muon_state,
+    if muon.smoothing:  # medium records 13-16: a bf16 smoothing buffer per own matrix
+        muon_state += sum(p.numel() * 2 for p in owned)
+    # medium records 12, 14-16: Snoo's outer copy and momentum of every parameter, on every rank (not split)
+    snoo_state = 2 * nbytes(model.parameters()) if cfg.snoo_every else 0
+    out = dict(parameters=nbytes(model.parameters()), optimizer=2 * nbytes(adam_params) + muon_state + snoo_state,
                saved_activations=int(saved_bytes_per_token(cfg) * tokens), head_gradient=nbytes([model.lm_head_w]),
                logits_gradient=2 * logits)
     out["total"] = sum(out.values())
@@ -207,7 +218,8 @@ def compiled_train_estimate(cfg: Config, world_size: int) -> dict:
 
 
 # what upstream's own logs say (published/modded-nanogpt-logs): 8 x H100, compiled, training and validation
-UPSTREAM_PEAK_MIB = {"medium": 50380, "medium_x01": 53988}
+UPSTREAM_PEAK_MIB = {"medium": 50380, "medium_x01": 53988, "medium_r12": 56505, "medium_r13": 54036,
+                     "medium_r14": 56556, "medium_r15": 56812, "medium_r16": 56810}
 
 
 def report(cfg: Config, world_size: int, capacity: int | None = None, device_type: str = "cuda") -> list[str]:

@@ -336,7 +336,7 @@ class GPT(nn.Module):
         skips_into: dict[int, list[int]] = {}
         for d, s in cfg.skip_pairs:
             skips_into.setdefault(d, []).append(s)
-        sources = {s for _, s in cfg.skip_pairs}
+        sources = {s for _, s in cfg.skip_pairs} | ({cfg.backout_layer} if cfg.backout_layer >= 0 else set())
         outs: dict[int, Tensor] = {}
         if collect is not None:
             collect.update({s.name: v.detach() for s, v in zip(self.inputs, inputs)})
@@ -353,6 +353,11 @@ class GPT(nn.Module):
             if i in sources:
                 outs[i] = x
         x = norm(x)
+        if cfg.backout_layer >= 0:  # medium record 15: x = norm(x) l0 + norm(output of layer 11) l1
+            lb = self.scalar_segment("backout")
+            x = x * lb[0] + norm(outs[cfg.backout_layer]) * lb[1]
+        if cfg.smear:  # medium record 16 (Smear-MTP): each position gets l times the one before it
+            x = torch.cat([x[:, :1], x[:, 1:] + self.scalar_segment("smear")[0] * x[:, :-1]], dim=1)
         if collect is not None:
             collect["x-out"] = x.detach()
         return x

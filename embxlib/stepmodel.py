@@ -8,7 +8,11 @@ or value, vocab x model_dim, bf16): its dense gradient (written in fp32 and cast
 gradient and two moments, writes three), the ring all-reduce of its gradient (2 (W-1)/W of its bytes per GPU), and
 for an input embedding its term in every layer's residual mix (read in the forward, twice in the backward).
 HBM at 3.35 TB/s, NVLink all-reduce at 360 GB/s bus bandwidth (H100 SXM, NCCL), taken at full speed and not
-overlapped (an upper bound of what a table adds). The model has one free number, the MFU, calibrated on upstream's Record 8 log (step_avg 246.46 ms); `report` says how well it
+overlapped (an upper bound of what a table adds). The medium records' mechanisms (12-16) are memory-bound passes
+too, each costed by the bytes it moves (`mechanism_bytes`): Snoo every k steps (outer - current, the copy back,
+fused SGD-Nesterov, the outer copy: 11 passes over every parameter's bytes), Muon's update smoothing (the bf16
+buffer read and written and the update read, on a rank's own matrices), backout (a norm of layer 11's output and
+the weighted sum, forward and backward) and smear (the shifted add, forward and backward). The model has one free number, the MFU, calibrated on upstream's Record 8 log (step_avg 246.46 ms); `report` says how well it
 then predicts the other upstream logs and snimu's x01..x04 runs (the published files embxlib ships).
 """
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .config import Config, medium, medium_x01
+from .config import Config, medium, medium_r12, medium_r13, medium_r14, medium_r15, medium_r16, medium_x01
 from .model import count_params, window_blocks
 from .runfolder import parse_step_line
 from .streams import streams, table_params, tables
@@ -64,12 +68,37 @@ def matmul_flops(cfg: Config) -> float:
     return 6 * (count_params(cfg) - table_params(cfg)) * cfg.train_batch_tokens
 
 
+def mechanism_bytes(cfg: Config, world: int) -> dict[str, float]:
+    """HBM bytes per step and GPU of each medium-record mechanism that is on (see the module doc)."""
+    import torch
+    from .model import GPT
+    from .optim import build_optimizers, smoothing_on
+    out = {}
+    with torch.device("meta"):
+        model = GPT(cfg)
+        _, muon = build_optimizers(model, cfg, rank=0, world_size=world)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if cfg.snoo_every:  # read outer, p; write g; copy outer -> p; SGD reads p, g, buf, writes p, buf; p -> outer
+        out["snoo"] = 11 * param_bytes / cfg.snoo_every
+    if smoothing_on(cfg):  # buf, v read, buf written (+ buf, v read again for the nesterov form), bf16
+        passes = 5 if cfg.muon_smoothing_mode == "nesterov" else 3
+        out["smoothing"] = passes * 2 * sum(p.numel() for p in muon.owned())
+    activation = cfg.train_batch_tokens // world * cfg.model_dim * 2  # one bf16 pass over the residual
+    if cfg.backout_layer >= 0:  # norm + scale + add, forward (4 passes) and backward (8)
+        out["backout"] = 12 * activation
+    if cfg.smear:  # the shifted multiply-add and the concatenation, forward (3) and backward (4)
+        out["smear"] = 7 * activation
+    return out
+
+
 def predict(cfg: Config, world: int, mfu: float) -> dict:
     flops = (matmul_flops(cfg) + attention_flops(cfg)) / world
     compute_ms = flops / (PEAK_FLOPS * mfu) * 1000
     inputs = [s.table for s in streams(cfg) if s.kind == "input"]
     per_table = {t.name: _table_ms(cfg, world, t.rows, t.width, inputs.count(t.name)) for t in tables(cfg)}
-    return dict(ms_per_step=compute_ms + sum(per_table.values()), compute_ms=compute_ms, tables_ms=per_table,
+    mechanisms = {k: b / HBM_BYTES_S * 1000 for k, b in mechanism_bytes(cfg, world).items()}
+    return dict(ms_per_step=compute_ms + sum(per_table.values()) + sum(mechanisms.values()), compute_ms=compute_ms,
+                tables_ms=per_table, mechanisms_ms=mechanisms,
                 per_input_table_ms=_table_ms(cfg, world, cfg.vocab_size, cfg.model_dim, 1),
                 tflops_per_gpu=flops / 1e12)
 
@@ -102,6 +131,12 @@ def references() -> list[tuple[str, Config, float]]:
             logged_step_avg(next((logs / "2025-08-28_Medium_NewValemb").glob("*.txt")))),
            ("x01 record (upstream log)", medium_x01(),
             logged_step_avg(next((logs / "2025-09-11_GPT2MediumX01").glob("*.txt"))))]
+    for label, make, folder in (("record 12 Snoo", medium_r12, "2025-09-16_Snoo"),
+                                ("record 13 update smoothing", medium_r13, "2025-09-17_UpdateSmoothing"),
+                                ("record 14 smoothed Snoo", medium_r14, "2025-09-30_SmoothedSnooMedium"),
+                                ("record 15 backout", medium_r15, "2025-10-04_GPT2MediumLayerReuse"),
+                                ("record 16 smear", medium_r16, "2025-11-02-Smear-MTP")):
+        out.append((f"{label} (upstream log)", make(), logged_step_avg(next((logs / folder).glob("*.txt")))))
     results = PUBLISHED / "snimu-experiments" / "00004-x0" / "results.md"
     for section, extra in (("999-0", 0), ("999-1", 0), ("0", 1), ("1", 2), ("2", 3), ("3", 4)):
         out.append((f"snimu x0{extra} (run {section})", medium(extra_embeds=extra), logged_step_avg(results, section)))
@@ -117,11 +152,12 @@ def report(cfg: Config | None = None, world: int = 8) -> list[dict]:
         p = predict(c, 8, mfu)
         rows.append(dict(run=label, world=8, logged_ms=logged, predicted_ms=p["ms_per_step"],
                          error_pct=100 * (p["ms_per_step"] / logged - 1), mfu=mfu,
-                         per_input_table_ms=p["per_input_table_ms"]))
+                         per_input_table_ms=p["per_input_table_ms"], mechanisms_ms=p["mechanisms_ms"]))
     if cfg is not None:
         p = predict(cfg, world, mfu)
         rows.append(dict(run=f"{cfg.preset} {cfg.name}", world=world, logged_ms=None, predicted_ms=p["ms_per_step"],
-                         error_pct=None, mfu=mfu, per_input_table_ms=p["per_input_table_ms"]))
+                         error_pct=None, mfu=mfu, per_input_table_ms=p["per_input_table_ms"],
+                         mechanisms_ms=p["mechanisms_ms"]))
     return rows
 
 

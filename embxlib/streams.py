@@ -84,11 +84,18 @@ def mixing_columns(cfg: Config) -> list[str]:
 
 def scalar_layout(cfg: Config) -> list[tuple[str, tuple[int, ...], list[float]]]:
     """The one scalar vector, as upstream Record 8 / x01 lay it out: (name, shape, initial values) segments of
-    skip weights (L), block lambdas (L x mixing columns), SA lambdas (L x 2: v, ve). A new input stream adds a
+    skip weights (L), block lambdas (L x mixing columns), SA lambdas (L x 2: v, ve); then the smear lambda (1) and
+    the backout pair (2) where they are on (medium records 15-16). A new input stream adds a
     lambda column, so every layout without it is unchanged."""
     L = cfg.num_layers
     cols = [1.0] + [s.lambda_init for s in input_streams(cfg)]  # x passes through; the streams start small
-    return [("skip", (L,), [1.0] * L), ("lambdas", (L, len(cols)), cols * L), ("sa", (L, 2), [0.5] * (2 * L))]
+    out = [("skip", (L,), [1.0] * L), ("lambdas", (L, len(cols)), cols * L), ("sa", (L, 2), [0.5] * (2 * L))]
+    # medium records 15-16 append theirs at the end, as upstream: [smear (record 16)], backout (record 15)
+    if cfg.smear:
+        out.append(("smear", (1,), [0.0]))
+    if cfg.backout_layer >= 0:
+        out.append(("backout", (2,), [1.0, 0.0]))  # the final residual's weight, then the backed-out layer's
+    return out
 
 
 def stream_kind(name: str) -> str | None:

@@ -41,7 +41,7 @@ from .data import ShardError, TokenStream, check_enough_data, check_shards, shar
 from .dist import Dist, check_device, env, keep_freed_memory, resolve_device, set_compile_flags, share_threads  # noqa: E402
 from .metrics import PeakTracker, StepLines, lambda_record  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
-from .optim import apply_schedules, build_optimizers  # noqa: E402
+from .optim import apply_schedules, build_optimizers, build_snoo  # noqa: E402
 from .runfolder import FolderLocked, new_run_dir, provenance, step_line  # noqa: E402
 from .stops import Stops  # noqa: E402
 from .streams import describe_stream, streams  # noqa: E402
@@ -128,7 +128,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
     run_dir = Path(args.resume) if resume else D.broadcast_object(
         new_run_dir(args.run_dir, args.runs_root, cfg.name, cfg.seed) if D.rank == 0 else None)
     try:
-        with runfolder.record(run_dir, D.rank, stops, resume, cfg.save_checkpoint, name=cfg.name, preset=cfg.preset, seed=cfg.seed) as log:
+        with runfolder.record(run_dir, D.rank, stops, resume, cfg.save_checkpoint, name=cfg.name, preset=cfg.preset,
+                              seed=cfg.seed) as log:
             if resume:
                 log.line(f"# resumed from {CHECKPOINT} with world_size {D.world}")
             else:
@@ -146,6 +147,7 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
                 D.broadcast(p.data)
             num_params = sum(p.numel() for p in model.parameters())
             adam, muon = build_optimizers(model, cfg, D.rank, D.world)
+            snoo = build_snoo(model, cfg)  # Snoo (records 12, 14-16) over all parameters, after the broadcast; None: off
             fwd = torch.compile(model, dynamic=False) if cfg.compile else model
             stream = TokenStream(train_files, cfg.train_seq_len, D.rank, D.world, accum, repeat=cfg.repeat_data,
                                  order_seed=cfg.seed if cfg.shuffle_data else None)
@@ -160,6 +162,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
                 model.load_state_dict(ck["model"])
                 adam.load_state_dict(ck["adam"])
                 muon.load_state_dict(ck["muon"])
+                if snoo is not None:  # Snoo's outer copy, momentum and call count
+                    snoo.load_state_dict(ck["snoo"])
                 stream.load_state_dict(ck["stream"])
                 step, train_ms = ck["step"], ck["train_time_ms"]
                 again = step % cfg.val_loss_every == 0 or step >= stop
@@ -176,7 +180,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
                 return windows[w]
 
             def step_fn(step_idx, batches):
-                return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum)
+                return train_step(fwd, model, D, adam, muon, cfg, step_idx, batches, window(step_idx), accum,
+                                  snoo=snoo)
 
             # --- warmup: let torch.compile see every shape on random tokens, then forget the steps -------
             warm = cfg.compile and cfg.warmup_steps and not resume  # without compile: nothing to warm up
@@ -187,7 +192,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
                          + "; the first validation compiles its own graph; on a CPU this takes minutes before the "
                            "first step")
             if warm:
-                state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict()))
+                state = copy.deepcopy(dict(model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
+                                           snoo=snoo.state_dict() if snoo is not None else None))  # Snoo's too, as upstream
                 for i in range(cfg.warmup_steps):
                     # contiguous like the stream's batches: a slice's strides would make the first real step recompile
                     x, y = (torch.randint(0, cfg.vocab_size, (1, cfg.train_seq_len), device=device) for _ in range(2))
@@ -196,6 +202,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
                 model.load_state_dict(state["model"])
                 adam.load_state_dict(state["adam"])
                 muon.load_state_dict(state["muon"])
+                if snoo is not None:
+                    snoo.load_state_dict(state["snoo"])
                 del state
 
             # --- the loop: validate, checkpoint, step ----------------------------------------------------
@@ -224,7 +232,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
                     lines.flush()
                     train_ms += 1000 * (time.perf_counter() - t0)
                     muon.gather_state()  # (collective: every rank) the momenta and mantissas each rank keeps
-                    save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg)
+                    save_checkpoint(run_dir, D.rank == 0, model, adam, muon, stream, step, train_ms, history, cfg,
+                                    snoo=snoo)
                     muon.drop_foreign_state()
                     t0 = time.perf_counter()
                 if last:
@@ -239,7 +248,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
 
             # --- summary ---------------------------------------------------------------------------------
             if stop < N:
-                log.line(f"# stopped at step {stop} of {N} (--max-steps)" + "; --resume continues it" * cfg.save_checkpoint)
+                log.line(f"# stopped at step {stop} of {N} (--max-steps)" + "; --resume continues it" *
+                         cfg.save_checkpoint)
             target_hit = next(((s, t) for s, v, t in history if v <= cfg.target_val_loss), (None, None))
             log.summary.update(
                 status="finished" if stop == N else "stopped", **peaks.summary(), final_val_loss=history[-1][1],
@@ -256,7 +266,7 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
     return run_dir
 
 
-def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, window, accum: int):
+def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, window, accum: int, snoo=None):
     """One optimiser step over the micro-batches, in upstream's order and without a host sync: the gradients are
     reduced asynchronously, Adam's first, so that Adam steps while Muon's are still in flight. Returns the
     (rank-local until waited for) mean loss on the device and the work of its reduction (StepLines reads it)."""
@@ -281,6 +291,8 @@ def train_step(fwd, model, D: Dist, adam, muon, cfg, step_idx: int, batches, win
     adam.step()
     D.wait(muon_grads)
     muon.step()
+    if snoo is not None:  # Snoo after Adam and Muon, as upstream (it never touches .grad)
+        snoo.step()
     model.zero_grad(set_to_none=True)
     return total, loss_mean
 

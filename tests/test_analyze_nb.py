@@ -79,6 +79,23 @@ def test_notebook_on_the_published_value_embedding_runs(tmp_path):
     assert ranking["variant"].tolist() == ["2", "1", "0 (baseline)", "3", "5", "4"]
 
 
+# the medium records' logs (published/modded-nanogpt-logs) by record number, the x01 record for reference
+MEDIUM_RECORDS = {"2025-09-11_GPT2MediumX01": "x01 (PR #124)", "2025-09-16_Snoo": "12 Snoo",
+                  "2025-09-17_UpdateSmoothing": "13 update smoothing", "2025-09-30_SmoothedSnooMedium": "14 smoothed Snoo",
+                  "2025-10-04_GPT2MediumLayerReuse": "15 backout", "2025-11-02-Smear-MTP": "16 smear"}
+
+
+@pytest.mark.slow
+def test_notebook_on_the_medium_records(tmp_path):
+    """Records 12-16 (embxlib presets medium_r12..medium_r16) against time, labelled by record number, x01 beside."""
+    out = run_notebook(tmp_path, inputs=["published/modded-nanogpt-logs"], variants=MEDIUM_RECORDS,
+                       baseline="x01 (PR #124)", target=2.92, step_zooms=[[5000, 5700]], time_zooms=[[1250, 1410]],
+                       rank_window=[1250, 1400], lambda_variant=None, norms=None, predictions=None)
+    assert (out / "val_loss-time-1250-1410.png").read_bytes()[:4] == b"\x89PNG"
+    order = pd.read_csv(out / "crossing-order-2.92.csv")
+    assert sorted(order["variant"]) == sorted(MEDIUM_RECORDS.values())  # every record crosses 2.92
+
+
 def test_notebook_fails_when_no_input_has_a_point(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(pm.PapermillExecutionError, match=r"no validation points in any input \(1 file"):

@@ -161,7 +161,8 @@ def test_empty_preset_is_an_error_not_tiny(monkeypatch):
         parse(["--preset", "", "--dry-run"])
     r = subprocess.run([PYTHON, "-m", "embxlib.train", "--preset", "", "--dry-run"], capture_output=True, text=True,
                        env=python_env(), timeout=60)
-    assert r.returncode == 2 and "preset='': allowed: ['medium', 'medium_x01', 'tiny']" in r.stderr
+    assert r.returncode == 2 and ("preset='': allowed: ['medium', 'medium_r12', 'medium_r13', 'medium_r14', 'medium_r15', "
+                                  "'medium_r16', 'medium_r17', 'medium_x01', 'tiny']") in r.stderr
 
 
 def test_batch_error_says_what_would_fit():
@@ -192,11 +193,14 @@ def test_help_shows_defaults_and_choices():
                        timeout=60)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps lines
-    for choice in ("--preset {tiny,medium,medium_x01}", "--ve-layout {upstream,mirrored,adjacent}",
+    for choice in ("--preset {tiny,medium,medium_x01,medium_r12,medium_r13,medium_r14,medium_r15,medium_r16,medium_r17}",
+                   "--ve-layout {upstream,mirrored,adjacent}",
                    "--precision {bf16,fp32}", "--device {auto,cpu,cuda}", "--attention {auto,flex,sdpa}"):
         assert choice in text, choice
-    assert "training steps (default: 200; medium: 5960; medium_x01: 5690)" in text
-    assert "(default: 0; medium_x01: 1)" in text and "(default: upstream)" in text  # extra_embeds, ve_layout
+    assert ("training steps (default: 200; medium: 5960; medium_x01: 5690; medium_r12: 5640; medium_r13: 5610; "
+            "medium_r14: 5590; medium_r15: 5550; medium_r16, medium_r17: 5535)") in text
+    assert ("(default: 0; medium_x01, medium_r12, medium_r13, medium_r14, medium_r15, medium_r16, medium_r17: 1)"
+            in text) and "(default: upstream)" in text  # extra_embeds, ve_layout
     assert "default: None" not in text and "--config FILE" in text
 
 

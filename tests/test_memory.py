@@ -1,10 +1,11 @@
 """Memory: validation holds at most one chunk of logits, and the fake-tensor estimate of --dry-run matches a real
 run's peak. Peaks are measured with memory.PeakMemory, which counts live tensor storage."""
 import numpy as np
+import pytest
 import torch
 
 from embxlib import memory, train
-from embxlib.config import medium, medium_x01, tiny
+from embxlib.config import PRESETS, medium, medium_x01, tiny
 from embxlib.dist import Dist
 from embxlib.data import shard_files
 from embxlib.model import GPT
@@ -80,3 +81,29 @@ def test_compiled_step_estimate_is_upstreams_measured_peak():
     assert one["optimizer"] - eight["optimizer"] == 6 * (matrices - (2 * 4 * 1024**2 + 4 * 4096 * 1024))
     lines = "\n".join(memory.report(medium_x01(), 8))
     assert "this estimate of training" in lines
+
+
+@pytest.mark.parametrize("preset", ["medium_r12", "medium_r13", "medium_r14", "medium_r15", "medium_r16"])
+def test_compiled_step_estimate_of_the_records_built_on_x01(preset):
+    """Records 12-16 (tests/test_upstream_records.py): Snoo's outer copy and momentum (every parameter, on every
+    rank) and Muon's bf16 smoothing buffer (the rank's own matrices) on top of x01's state; the estimate within 5%
+    of each record's logged peak."""
+    cfg = PRESETS[preset]()
+    est = memory.compiled_train_estimate(cfg, 8)
+    upstream = memory.UPSTREAM_PEAK_MIB[preset] * MiB
+    assert abs(est["total"] / upstream - 1) < 0.05, (preset, est["total"] / MiB)
+    base = memory.compiled_train_estimate(medium_x01(), 8)["optimizer"]
+    params = (608_885_856 - 96 - 50304 * 1024) * 2 + (96 + 50304 * 1024) * 4  # x01's bytes (+ a few scalars)
+    scalars = 4 * (cfg.smear + 2 * (cfg.backout_layer >= 0))  # the records' new fp32 scalars
+    snoo = 2 * (params + scalars) if cfg.snoo_every else 0
+    owned = 2 * 4 * 1024**2 + 4 * 4096 * 1024  # rank 0's matrices at 8 ranks
+    smoothing = 2 * owned if cfg.muon_smoothing else 0
+    assert est["optimizer"] - base == snoo + smoothing + 2 * scalars  # (+ the new scalars' Adam moments)
+
+
+def test_dry_run_of_record_16(capsys):
+    train.main(["--preset", "medium_r16", "--dry-run", "--world-size", "8"])
+    out = capsys.readouterr().out
+    assert "parameters: 608,885,859" in out and "upstream's medium_r16 log: peak memory allocated 56,810 MiB" in out
+    pct = float(out.split("this estimate of training ")[1].split("%")[0])
+    assert abs(pct) < 5, out

@@ -45,6 +45,28 @@ def upstream_update(acc_bf16_view_u16, mantissa, momentum_buffer, grad, momentum
     mantissa.copy_((bits & 0xFFFF).to(torch.uint16))
 
 
+def upstream_update_smoothed(acc_bf16_view_u16, mantissa, momentum_buffer, smoothing_buffer, grad, momentum,
+                             update_smoothing, eff_lr, eff_weight_decay, nesterov):
+    """Medium records 13 (nesterov: `v = update_smoothing * smoothed_update_buffer + (1-update_smoothing) * v`) and
+    14-16 (`v = update_smoothing_buffer`) transcribed (2025-09-17_UpdateSmoothing, 2025-09-30_SmoothedSnooMedium);
+    smoothing_buffer None: x01's update. The 32 bits as in upstream_update."""
+    grad = grad.float()
+    momentum_buffer.copy_(momentum * momentum_buffer + (1 - momentum) * grad)
+    v = upstream_newtonschulz5(momentum * momentum_buffer + (1 - momentum) * grad)
+    if smoothing_buffer is not None:
+        smoothing_buffer.copy_(update_smoothing * smoothing_buffer + (1 - update_smoothing) * v)
+        if nesterov:
+            v = update_smoothing * smoothing_buffer + (1 - update_smoothing) * v
+        else:
+            v = smoothing_buffer
+    acc_m_u32 = ((acc_bf16_view_u16.to(torch.int64) << 16) | mantissa.to(torch.int64)).to(torch.int32)
+    acc_m_u32.view(torch.float32).mul_(1 - eff_weight_decay)
+    acc_m_u32.view(torch.float32).add_(other=v, alpha=-eff_lr)
+    bits = acc_m_u32.to(torch.int64) & 0xFFFFFFFF
+    acc_bf16_view_u16.copy_((bits >> 16).to(torch.uint16))
+    mantissa.copy_((bits & 0xFFFF).to(torch.uint16))
+
+
 def upstream_newtonschulz5(G):
     X = G.bfloat16()
     if G.size(-2) > G.size(-1):
@@ -91,6 +113,44 @@ def test_muon_step_equals_the_upstream_update(compiled):
         st = opt.state[p]
         torch.testing.assert_close(st["momentum_buffer"], buf, **tol)
         torch.testing.assert_close(join_master(p.data, st["mantissa"]), join_master(w, mant), **tol)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("mode", ["ema", "nesterov"])
+def test_smoothed_muon_step_equals_the_records_update(compiled, mode):
+    """Update smoothing (medium records 13: nesterov, 14-16: ema) against the records' update, transcribed, over 3
+    steps with s moving: weights, mantissas, momenta and the bf16 smoothing buffer bit for bit. Compiled, the
+    smoothing is inside the compiled update on both sides: inductor computes s buf + (1 - s) v in fp32 and rounds
+    once on the store, eager rounds each product and sum to bf16; each side matches upstream run the same way."""
+    torch.manual_seed(0)
+    shapes = [(4, 48, 32)] if compiled else [(4, 48, 32)] * 3 + [(64, 32)] * 2 + [(32, 64)] * 2
+    w0 = [torch.randn(s).bfloat16() for s in shapes]
+    ours = [torch.nn.Parameter(w.clone()) for w in w0]
+    theirs = [w.clone() for w in w0]
+    state = [(torch.zeros_like(w, dtype=torch.uint16), torch.zeros_like(w, dtype=torch.float32),
+              torch.zeros_like(w, dtype=torch.bfloat16)) for w in w0]
+    opt = Muon([dict(params=ours[:5]), dict(params=ours[5:], wd_mul=2.0)], lr=0.02, weight_decay=0.1,
+               compile=compiled, smoothing=0.5, nesterov_smoothing=mode == "nesterov")
+    reference = torch.compile(upstream_update_smoothed) if compiled else upstream_update_smoothed
+    for step in range(3):
+        m, lr, s = 0.85 + 0.05 * step, 0.02 * (1 - 0.2 * step), 0.5 - 0.1 * step
+        for g in opt.param_groups:
+            g["momentum"], g["lr"], g["smoothing"] = m, lr, s
+        grads = [torch.randn(sh).bfloat16() for sh in shapes]
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (w, g, (mant, buf, sbuf)) in enumerate(zip(theirs, grads, state)):
+            wd_mul = 2.0 if i >= 5 else 1.0
+            scale = max(1, w.size(-2) / w.size(-1)) ** 0.5
+            full = torch._as_tensor_fullprec
+            reference(w.view(torch.uint16), mant, buf, sbuf, g, full(m), full(s), full(lr * scale),
+                      full(lr * 0.1 * wd_mul), mode == "nesterov")
+    for p, w, (mant, buf, sbuf) in zip(ours, theirs, state):
+        st = opt.state[p]
+        assert torch.equal(st["momentum_buffer"], buf) and torch.equal(st["smooth_buffer"], sbuf)
+        assert st["smooth_buffer"].dtype == torch.bfloat16 and sbuf.abs().sum() > 0
+        assert torch.equal(join_master(p.data, st["mantissa"]), join_master(w, mant))
 
 
 def test_bf16_muon_keeps_an_exact_fp32_master_weight():

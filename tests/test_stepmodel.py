@@ -20,3 +20,13 @@ def test_gpu_model_command_prints_a_config_at_its_world_size(capsys):
     out = capsys.readouterr().out
     line = next(s for s in out.splitlines() if "medium_x01 x02-ve5" in s)
     assert line.split("|")[2].strip() == "4" and "x01 record (upstream log)" in out
+
+
+def test_step_model_costs_the_records_mechanisms():
+    """Records 12-16 are in the published runs the model predicts (within 3%, above); each mechanism has its cost."""
+    rows = {r["run"].split(" (")[0]: r for r in stepmodel.report()}
+    assert set(rows["record 16 smear"]["mechanisms_ms"]) == {"snoo", "smoothing", "backout", "smear"}
+    assert set(rows["record 13 update smoothing"]["mechanisms_ms"]) == {"smoothing"}
+    assert rows["x01 record"]["mechanisms_ms"] == {}
+    for r in rows.values():
+        assert all(0 < v < 1 for v in r["mechanisms_ms"].values()), r  # memory-bound passes: fractions of a ms

@@ -147,6 +147,29 @@ def test_killed_run_resumes_to_the_same_loss(fast_args, tmp_path, monkeypatch):
     assert [r["step"] for r in metrics(crashed)] == [0, 2, 4, 6]  # each validation once
 
 
+def test_records_mechanisms_resume_bit_for_bit(fast_args, tmp_path):
+    """Snoo (every 3 steps: at 0 and at 3, after the resume from step 2), Muon's update smoothing, the lr floor,
+    backout and smear: a killed run resumed from its checkpoint ends with the uninterrupted run's weights and
+    Snoo state, to the bit."""
+    import torch
+    flags = ["--num-iterations", "6", "--save-every", "2", "--snoo-every", "3", "--muon-smoothing", "0.2",
+             "--final-lr-frac", "0.01", "--backout-layer", "3", "--smear"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train.main(fast_args(full, *flags))
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        train.main(fast_args(crashed, *flags, "--fail-at-step", "3"))
+    train.main(["--resume", str(crashed)])
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (full, crashed))
+    assert a["step"] == b["step"] == 6 and a["snoo"]["calls"] == b["snoo"]["calls"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for x, y in zip(a["snoo"]["outer"] + a["snoo"]["momentum"], b["snoo"]["outer"] + b["snoo"]["momentum"]):
+        assert torch.equal(x, y)
+    smooth = [st["smooth_buffer"] for st in a["muon"]["state"].values()]
+    assert smooth and all(t.dtype == torch.bfloat16 for t in smooth)
+    assert read_json(full / "config.json")["name"] == "x00-ve2-backout3-smear-snoo3-smooth0.2-lrfloor0.01-fp32"
+
+
 def test_non_finite_loss_stops_and_keeps_logs(fast_args, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(FloatingPointError, match="non-finite"):

@@ -29,8 +29,10 @@ def rms(x):
 
 
 class X01Reference(nn.Module):
+    VOCAB = 50257  # (tests/test_upstream_records.py's optimiser test narrows it)
+
     def __init__(self, bf16=True):
-        V, hd, L, mlp = 50257, 128, 16, MLP
+        V, hd, L, mlp = self.VOCAB, 128, 16, MLP
         super().__init__()
         dt = torch.bfloat16 if bf16 else torch.float32
         self.H, self.hd, self.bf16 = H, hd, bf16
@@ -39,7 +41,7 @@ class X01Reference(nn.Module):
         self.qkvo_w = nn.ParameterList(nn.Parameter(torch.zeros(4, H * hd, D, dtype=dt)) for i in range(L) if i != 7)
         self.fc_w = nn.ParameterList(nn.Parameter(torch.zeros(mlp, D, dtype=dt)) for _ in range(L))
         self.proj_w = nn.ParameterList(nn.Parameter(torch.zeros(D, mlp, dtype=dt)) for _ in range(L))
-        self.lm_head_w = nn.Parameter(torch.zeros(50304, D))
+        self.lm_head_w = nn.Parameter(torch.zeros(-(-V // 128) * 128, D))  # 50,304 rows at the full vocabulary
         self.scalars = nn.Parameter(torch.zeros(6 * L))
         freq = (1 / 1024) ** torch.linspace(0, 1, steps=hd // 4)
         theta = torch.outer(torch.arange(T, dtype=torch.float32), torch.cat([freq, torch.zeros(hd // 4)]))
@@ -56,7 +58,7 @@ class X01Reference(nn.Module):
         layout = "LSSSLSSSSSSLSSSL"
         x = x00 = rms(self.embed1(tokens)[None])
         x01 = rms(self.embed2(tokens)[None])
-        skip_w, lam, sa = self.scalars[:16], self.scalars[16:64].view(16, 3), self.scalars[64:].view(16, 2)
+        skip_w, lam, sa = self.scalars[:16], self.scalars[16:64].view(16, 3), self.scalars[64:96].view(16, 2)
         outs, attn = [], iter(self.qkvo_w)
         for i in range(16):
             if i in (9, 10, 11):
@@ -74,6 +76,9 @@ class X01Reference(nn.Module):
             h = F.relu(F.linear(rms(x), self.fc_w[i])).square()
             x = x + F.linear(h, self.proj_w[i])
             outs.append(x)
+        return self.final(x, outs)
+
+    def final(self, x, outs):  # the residual into the head (tests/test_upstream_records.py adds backout and smear)
         return rms(x)
 
     def mix(self, i, x, tokens):  # the mixed block input (tests/test_upstream_streams.py adds streams here)
@@ -116,7 +121,7 @@ def models(bf16: bool, ref_class=None, **cfg_kw):
             ref.fc_w[i].copy_(b.mlp.fc_w)
             ref.proj_w[i].copy_(b.mlp.proj_w)
         ref.lm_head_w.copy_(ours.lm_head_w)  # upstream's scalars: skip weights, x/x00/x01 lambdas, SA lambdas
-        ref.scalars.copy_(torch.cat([ours.skip_weights(), lam[:, :3].flatten(), ours.sa_lambdas().flatten()]))
+        ref.scalars[:96].copy_(torch.cat([ours.skip_weights(), lam[:, :3].flatten(), ours.sa_lambdas().flatten()]))
     return ours, ref
 
 

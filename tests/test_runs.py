@@ -74,9 +74,15 @@ def test_record8_log_has_the_lines_the_parser_must_skip():
 
 def test_a_folder_of_logs_loads_each_log_once():
     df = load_runs([LOGS, str(LOGS / "*" / "*.txt")])
-    assert df.groupby("variant")["run"].nunique().to_dict() == {
-        "2025-04-22_Record8": 1, "2025-08-28_Medium_NewValemb": 1, "2025-09-11_GPT2MediumX01": 1}
-    assert len(df) == 49 + 48 + 47
+    runs = {"2025-04-22_Record8": 1, "2025-08-28_Medium_NewValemb": 1, "2025-09-11_GPT2MediumX01": 1,
+            "2025-09-16_Snoo": 1, "2025-09-17_UpdateSmoothing": 1, "2025-09-30_SmoothedSnooMedium": 1,
+            "2025-10-04_GPT2MediumLayerReuse": 1, "2025-11-02-Smear-MTP": 1, "2025-12-31_BulkSmallTrackTransfer": 2}
+    assert df.groupby("variant")["run"].nunique().to_dict() == runs
+    # a validation every 125 steps (record 18: every 250) from step 0, and the last step when it is not one of them
+    points = {5960: 49, 5820: 48, 5690: 47, 5640: 47, 5610: 46, 5590: 46, 5550: 46, 5535: 46}
+    assert all(n == len(range(0, s, 125)) + 1 for s, n in points.items())
+    assert len(range(0, 4740, 250)) + 1 == 20
+    assert len(df) == sum(points.values()) + 2 * 20
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import difflib
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,7 +47,10 @@ LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="
 NONE_DEFAULT_TYPES = dict(nproc_per_node=int)  # the type of a launch setting whose default is None
 # parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
 SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="runs/sweep", nproc_per_node=1,
-                      backend="local", slurm={})
+                      backend="local", slurm={}, order="shuffled", repeat_first=False)
+# the order of a seed's arms: shuffled by the seed (a drift of the machine within a seed does not favour the arm that
+# always runs first), or fixed (the grid's order, as sweeps ran before)
+ARM_ORDERS = ("shuffled", "fixed")
 BACKENDS = ("local", "slurm")  # local: one run after another here; slurm: each run a job (embxlib/slurm.py)
 
 
@@ -270,9 +274,18 @@ def run_notebook(parameters: dict, output: Path, notebook: Path = NOTEBOOK, stdo
                                stdout_file=stdout, kernel_name="python3")
 
 
-def sweep_runs(grid: dict, seeds, base: dict | None = None) -> list[tuple[str, dict]]:
+def sweep_runs(grid: dict, seeds, base: dict | None = None, order: str = "shuffled",
+               repeat_first: bool = False) -> list[tuple[str, dict]]:
     """(run_name, parameters) for every seed and combination of the grid, seed by seed, named from the parameters.
-    Raises ValueError naming the setting when a value has the wrong shape or two runs would share a folder."""
+    Within a seed the arms run in the grid's order (order="fixed") or in an order drawn from the seed
+    (order="shuffled": random.Random(seed), so a rerun of the sweep runs them in the same order); repeat_first
+    (A/B/A) runs the seed's first arm once more after the others, into <name>_again (same config: the difference
+    between the two is the machine's drift over the seed). Raises ValueError naming the setting when a value has
+    the wrong shape or two runs would share a folder."""
+    if order not in ARM_ORDERS:
+        raise ValueError(f"order={order!r}: allowed: {', '.join(ARM_ORDERS)}")
+    if not isinstance(repeat_first, bool):
+        raise ValueError(f"repeat_first={repeat_first!r}: expected true or false")
     if not isinstance(grid, dict):
         raise ValueError(f"grid={grid!r}: expected a mapping Config field -> list of values, e.g. {{extra_embeds: [0, 1]}}")
     base = {} if base is None else base
@@ -295,12 +308,18 @@ def sweep_runs(grid: dict, seeds, base: dict | None = None) -> list[tuple[str, d
     keys = list(grid)
     out = []
     # seed-major: every variant's run of seed 0, then of seed 1, ...: a slow spell of the machine (or a sweep cut
-    # short) lands on every arm alike, and the finished seeds are pairs
+    # short) lands on every arm of a seed, and the finished seeds are pairs
     for seed in seeds:
+        arms = []
         for values in itertools.product(*(grid[k] for k in keys)):
             p = {**base, **dict(zip(keys, values)), "seed": seed}
             label = "_".join(f"{k}{_label(v)}" for k, v in zip(keys, values)) or "base"
-            out.append((check_folder_name("run name", f"{label}_s{seed}"), p))
+            arms.append((check_folder_name("run name", f"{label}_s{seed}"), p))
+        if order == "shuffled":
+            random.Random(seed).shuffle(arms)
+        if repeat_first and len(arms) > 1:
+            arms.append((check_folder_name("run name", f"{arms[0][0]}_again"), arms[0][1]))
+        out += arms
     return out
 
 
@@ -335,7 +354,7 @@ def sweep_spec(spec) -> dict:
 
 def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep",
                 nproc_per_node: int = 1, config=None, backend: str = "local", slurm: dict | None = None,
-                ask_cluster: bool = True) -> list[tuple[str, dict]]:
+                ask_cluster: bool = True, order: str = "shuffled", repeat_first: bool = False) -> list[tuple[str, dict]]:
     """Everything a sweep checks before its first run starts (with backend slurm, also what the cluster offers,
     unless ask_cluster is False); its runs as sweep_runs gives them."""
     if not isinstance(sweep_dir, (str, os.PathLike)) or not str(sweep_dir):
@@ -347,7 +366,7 @@ def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="run
     from . import slurm as sl
     s = sl.check_settings(slurm)
     world = nproc_per_node * (s["nodes"] if backend == "slurm" else 1)
-    runs = sweep_runs(grid, seeds, base)
+    runs = sweep_runs(grid, seeds, base, order, repeat_first)
     cfgs = []
     for name, p in runs:
         cfgs.append(resolve(p, world, config))
@@ -368,15 +387,18 @@ class SweepFailed(LaunchError):
 
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
-          echo=print, config=None, backend: str = "local", slurm: dict | None = None) -> "pd.DataFrame":
+          echo=print, config=None, backend: str = "local", slurm: dict | None = None, order: str = "shuffled",
+          repeat_first: bool = False) -> "pd.DataFrame":
     """Run every (variant, seed) through nbs/run_variant.ipynb with papermill, one after another, each into
     <sweep_dir>/<name>/, starting from the config file `config` if given. Finished runs are skipped, interrupted
     ones resumed from their checkpoints. A run that fails is recorded (status and error in summary.csv) and the
     sweep goes on; at the end it raises SweepFailed naming the failed runs. Writes and returns the summary table
     <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir.
     backend="slurm": each run is a job of one SLURM array instead, with the settings `slurm` (embxlib/slurm.py);
-    the same folders, skips, resumes and table."""
-    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config, backend, slurm, ask_cluster=False)
+    the same folders, skips, resumes and table. order, repeat_first: the order of each seed's arms (sweep_runs);
+    summary.csv's `position` column is each run's place in it."""
+    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config, backend, slurm, ask_cluster=False,
+                       order=order, repeat_first=repeat_first)
     sweep_dir = at_root(sweep_dir)
 
     def tell(line: str) -> None:
@@ -435,7 +457,7 @@ def sweep_table(sweep_dir: Path, names: list[str], keys: list[str], errors: dict
     import pandas as pd
     rows = []
     errors = errors or {}
-    for name in names:
+    for position, name in enumerate(names, 1):  # names in the sweep's order: position is the order the arms ran in
         d = Path(sweep_dir) / name
         cfg = read_json(d / "config.json") or {}
         s = read_json(d / "summary.json") or {}
@@ -443,7 +465,7 @@ def sweep_table(sweep_dir: Path, names: list[str], keys: list[str], errors: dict
         status = s.get("status", "missing")
         if name in errors and status in ("running", "missing", "finished"):
             status = "failed"  # the notebook failed (before the trainer, or after it, e.g. its figure)
-        rows.append({"run": name, **{k: _label(cfg.get(k, "")) if isinstance(cfg.get(k), (list, tuple))
+        rows.append({"run": name, "position": position, **{k: _label(cfg.get(k, "")) if isinstance(cfg.get(k), (list, tuple))
                                      else cfg.get(k) for k in keys}, "variant": cfg.get("name"),
                      "status": status, "error": s.get("error") or errors.get(name),
                      "final_val_loss": s.get("final_val_loss"),

@@ -145,6 +145,8 @@ def test_sweep_runs_each_variant_once(corpus, tmp_path):
     names = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert names == ["extra_embeds0_s0", "extra_embeds0_s1", "extra_embeds1_s0", "extra_embeds1_s1"]
     assert (sweep_dir / "summary.csv").exists() and len(table) == 4 and set(table.status) == {"finished"}
+    assert table.position.tolist() == [1, 2, 3, 4] and table.run.tolist() == [n for n, _ in launch.sweep_runs(
+        {"extra_embeds": [0, 1]}, [0, 1])]  # the order the runs ran in, recorded
     assert sorted(table.extra_embeds) == [0, 0, 1, 1] and table.final_val_loss.notna().all()
     for n in names:
         assert (sweep_dir / n / "notebook.ipynb").exists()

@@ -3,6 +3,7 @@ leftovers, a full disk fails cleanly, one process trains a folder, and a killed 
 Real trainers, real SIGKILLs, real file-size limits."""
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -259,12 +260,38 @@ def test_sweep_run_names_are_plain_folders():
         launch.sweep_runs({"data_dir": ["a/b", "a_b"]}, [0])
 
 
+GRID = {"extra_embeds": [0, 1], "bigram_embeds": [0, 1]}
+ARMS = ["extra_embeds0_bigram_embeds0", "extra_embeds0_bigram_embeds1", "extra_embeds1_bigram_embeds0",
+        "extra_embeds1_bigram_embeds1"]
+
+
 def test_sweeps_run_seed_by_seed():
     """Arms interleaved by seed: machine drift, or a sweep stopped early, hits every variant alike."""
-    names = [n for n, _ in launch.sweep_runs({"extra_embeds": [0, 1], "bigram_embeds": [0, 1]}, [0, 1])]
-    assert names[:4] == ["extra_embeds0_bigram_embeds0_s0", "extra_embeds0_bigram_embeds1_s0",
-                         "extra_embeds1_bigram_embeds0_s0", "extra_embeds1_bigram_embeds1_s0"]
-    assert [n[-2:] for n in names] == ["s0"] * 4 + ["s1"] * 4
+    names = [n for n, _ in launch.sweep_runs(GRID, [0, 1], order="fixed")]
+    assert names == [f"{a}_s{s}" for s in (0, 1) for a in ARMS]
+    names = [n for n, _ in launch.sweep_runs(GRID, [0, 1])]  # the default: each seed's arms shuffled
+    assert [n[-2:] for n in names] == ["s0"] * 4 + ["s1"] * 4 and sorted(names) == sorted(f"{a}_s{s}" for s in (0, 1)
+                                                                                          for a in ARMS)
+
+
+def test_each_seed_shuffles_its_arms_by_the_seed_and_a_b_a_repeats_the_first():
+    """A fixed order within a seed lets a drifting machine favour the arm that always runs first (issue 31): the
+    order is drawn from the seed (random.Random(seed), the same on a rerun), differs between seeds, and every arm
+    runs first about equally often."""
+    def order(seed):
+        return [n[:-len(f"_s{seed}")] for n, _ in launch.sweep_runs(GRID, [seed])]
+    assert order(3) == order(3)
+    expected = ARMS.copy()
+    random.Random(3).shuffle(expected)  # by hand: the seed's own draw
+    assert order(3) == expected
+    firsts = [order(s)[0] for s in range(40)]
+    assert len({tuple(order(s)) for s in range(40)}) > 5 and all(firsts.count(a) >= 4 for a in ARMS), firsts
+    runs = launch.sweep_runs(GRID, [0, 1], repeat_first=True)  # A/B/A: the seed's first arm again, last
+    assert len(runs) == 10
+    for seed, part in ((0, runs[:5]), (1, runs[5:])):
+        assert part[-1][0] == part[0][0] + "_again" and part[-1][1] == part[0][1] and part[0][1]["seed"] == seed
+    with pytest.raises(ValueError, match="order='random': allowed: shuffled, fixed"):
+        launch.sweep_runs(GRID, [0], order="random")
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -82,6 +82,7 @@ class Config:
     ve_gate_dim: int = 16  # channels the value-embedding gate reads (upstream medium record 18: 16; VeTuned: 6 + 6)
     bigram_embeds: int = 0  # 1: a bigram hash embedding, zero-init, added un-normed before every block with lambdas from 0.1
     bigram_vocab_mult: int = 5  # rows of the bigram hash table in multiples of the padded vocabulary (upstream 5 x 50,304)
+    bigram_control: int = 0  # 1: the bigram table's parameter-matched control: the same table looked up at (token, a stand-in for the previous token fixed by the position), so no bigram reaches it
 
     # --- optimisation (upstream section 2) ---
     num_iterations: int = 200  # training steps
@@ -280,6 +281,8 @@ class Config:
                 bad("ve_remove", f"layer {i} does not exist; allowed 0..{L - 1}")
         if self.bigram_embeds not in (0, 1):
             bad("bigram_embeds", "allowed: 0 (off) or 1 (one bigram hash table, as upstream)")
+        if self.bigram_control not in (0, 1) or (self.bigram_control and not self.bigram_embeds):
+            bad("bigram_control", "allowed: 0 (off) or 1 with bigram_embeds 1 (the control of a bigram table)")
         if self.ve_gates != "off" and not 2 <= self.ve_gate_dim <= self.model_dim:
             bad("ve_gate_dim", f"the gate reads 2..model_dim={self.model_dim} channels")
         if self.ve_gates == "x_ve" and self.ve_gate_dim % 2:
@@ -417,7 +420,8 @@ def variant_name(cfg: Config) -> str:
     if cfg.token_lambdas:
         parts.append(f"tl{cfg.token_lambdas}")
     if cfg.bigram_embeds:
-        parts.append("bigram" + (str(cfg.bigram_vocab_mult) if cfg.bigram_vocab_mult != 5 else ""))
+        parts.append("bigram" + (str(cfg.bigram_vocab_mult) if cfg.bigram_vocab_mult != 5 else "")
+                     + ("control" if cfg.bigram_control else ""))
     if cfg.backout_layer >= 0:
         parts.append(f"backout{cfg.backout_layer}")
     if cfg.smear:

@@ -47,7 +47,7 @@ LAUNCH_SETTINGS = dict(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="
 NONE_DEFAULT_TYPES = dict(nproc_per_node=int)  # the type of a launch setting whose default is None
 # parameters of nbs/sweep.ipynb and keys of `python -m embxlib.launch sweep -y` (defaults of the command line)
 SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="runs/sweep", nproc_per_node=1,
-                      backend="local", slurm={}, order="shuffled", repeat_first=False)
+                      backend="local", slurm={}, order="shuffled", repeat_first=False, control=False)
 # the order of a seed's arms: shuffled by the seed (a drift of the machine within a seed does not favour the arm that
 # always runs first), or fixed (the grid's order, as sweeps ran before)
 ARM_ORDERS = ("shuffled", "fixed")
@@ -275,17 +275,20 @@ def run_notebook(parameters: dict, output: Path, notebook: Path = NOTEBOOK, stdo
 
 
 def sweep_runs(grid: dict, seeds, base: dict | None = None, order: str = "shuffled",
-               repeat_first: bool = False) -> list[tuple[str, dict]]:
+               repeat_first: bool = False, control: bool = False) -> list[tuple[str, dict]]:
     """(run_name, parameters) for every seed and combination of the grid, seed by seed, named from the parameters.
     Within a seed the arms run in the grid's order (order="fixed") or in an order drawn from the seed
     (order="shuffled": random.Random(seed), so a rerun of the sweep runs them in the same order); repeat_first
     (A/B/A) runs the seed's first arm once more after the others, into <name>_again (same config: the difference
-    between the two is the machine's drift over the seed). Raises ValueError naming the setting when a value has
+    between the two is the machine's drift over the seed). control: next to each arm with a bigram table, its
+    parameter-matched control (the same run with bigram_control 1, into <label>_control_s<seed>: the table, its
+    parameters and cost without the bigrams; see streams.position_hash). Raises ValueError naming the setting when a value has
     the wrong shape or two runs would share a folder."""
     if order not in ARM_ORDERS:
         raise ValueError(f"order={order!r}: allowed: {', '.join(ARM_ORDERS)}")
-    if not isinstance(repeat_first, bool):
-        raise ValueError(f"repeat_first={repeat_first!r}: expected true or false")
+    for name, flag in (("repeat_first", repeat_first), ("control", control)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}={flag!r}: expected true or false")
     if not isinstance(grid, dict):
         raise ValueError(f"grid={grid!r}: expected a mapping Config field -> list of values, e.g. {{extra_embeds: [0, 1]}}")
     base = {} if base is None else base
@@ -315,6 +318,11 @@ def sweep_runs(grid: dict, seeds, base: dict | None = None, order: str = "shuffl
             p = {**base, **dict(zip(keys, values)), "seed": seed}
             label = "_".join(f"{k}{_label(v)}" for k, v in zip(keys, values)) or "base"
             arms.append((check_folder_name("run name", f"{label}_s{seed}"), p))
+            if control and p.get("bigram_embeds") and not p.get("bigram_control"):
+                arms.append((check_folder_name("run name", f"{label}_control_s{seed}"), {**p, "bigram_control": 1}))
+        if control and not any(p.get("bigram_control") for _, p in arms):
+            raise ValueError("control=true adds the control of a bigram table (bigram_control): no arm has one; "
+                             "give bigram_embeds: 1 in base or grid")
         if order == "shuffled":
             random.Random(seed).shuffle(arms)
         if repeat_first and len(arms) > 1:
@@ -354,7 +362,8 @@ def sweep_spec(spec) -> dict:
 
 def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep",
                 nproc_per_node: int = 1, config=None, backend: str = "local", slurm: dict | None = None,
-                ask_cluster: bool = True, order: str = "shuffled", repeat_first: bool = False) -> list[tuple[str, dict]]:
+                ask_cluster: bool = True, order: str = "shuffled", repeat_first: bool = False,
+                control: bool = False) -> list[tuple[str, dict]]:
     """Everything a sweep checks before its first run starts (with backend slurm, also what the cluster offers,
     unless ask_cluster is False); its runs as sweep_runs gives them."""
     if not isinstance(sweep_dir, (str, os.PathLike)) or not str(sweep_dir):
@@ -366,7 +375,7 @@ def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="run
     from . import slurm as sl
     s = sl.check_settings(slurm)
     world = nproc_per_node * (s["nodes"] if backend == "slurm" else 1)
-    runs = sweep_runs(grid, seeds, base, order, repeat_first)
+    runs = sweep_runs(grid, seeds, base, order, repeat_first, control)
     cfgs = []
     for name, p in runs:
         cfgs.append(resolve(p, world, config))
@@ -388,7 +397,7 @@ class SweepFailed(LaunchError):
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
           echo=print, config=None, backend: str = "local", slurm: dict | None = None, order: str = "shuffled",
-          repeat_first: bool = False) -> "pd.DataFrame":
+          repeat_first: bool = False, control: bool = False) -> "pd.DataFrame":
     """Run every (variant, seed) through nbs/run_variant.ipynb with papermill, one after another, each into
     <sweep_dir>/<name>/, starting from the config file `config` if given. Finished runs are skipped, interrupted
     ones resumed from their checkpoints. A run that fails is recorded (status and error in summary.csv) and the
@@ -396,9 +405,9 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
     <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir.
     backend="slurm": each run is a job of one SLURM array instead, with the settings `slurm` (embxlib/slurm.py);
     the same folders, skips, resumes and table. order, repeat_first: the order of each seed's arms (sweep_runs);
-    summary.csv's `position` column is each run's place in it."""
+    summary.csv's `position` column is each run's place in it; control: a control arm beside each bigram arm."""
     runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config, backend, slurm, ask_cluster=False,
-                       order=order, repeat_first=repeat_first)
+                       order=order, repeat_first=repeat_first, control=control)
     sweep_dir = at_root(sweep_dir)
 
     def tell(line: str) -> None:
@@ -443,7 +452,8 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
             final = (read_json(run_dir / "summary.json") or {}).get("final_val_loss")
             tell(f"[{i + 1}/{len(runs)}] {name}: finished in {clock(time.time() - started)}"
                  + (f", final val_loss {final:.4f}" if isinstance(final, (int, float)) else ""))
-        table = sweep_table(sweep_dir, [n for n, _ in runs], list(grid) + ["seed"], errors)
+        keys = list(grid) + ["bigram_control"] * (control and "bigram_control" not in grid) + ["seed"]
+        table = sweep_table(sweep_dir, [n for n, _ in runs], keys, errors)
         write_text_atomically(sweep_dir / "summary.csv", table.to_csv(index=False))
     if errors:
         failed = table[table["run"].isin(list(errors))]

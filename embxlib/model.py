@@ -375,7 +375,8 @@ class GPT(nn.Module):
 
     def table_indices(self, idx: Tensor) -> dict[str, Tensor]:
         """The rows of each table that idx looks up, by table name."""
-        return {t.name: idx if t.lookup == "token" else spec.bigram_hash(idx, t.rows) for t in self.tables}
+        hashes = dict(bigram_hash=spec.bigram_hash, position_hash=spec.position_hash)
+        return {t.name: idx if t.lookup == "token" else hashes[t.lookup](idx, t.rows) for t in self.tables}
 
     def head(self, x: Tensor) -> Tensor:
         """LM head and ISRU soft-cap; the matmul in the activations' dtype (bf16 under upstream's policy, as its

@@ -30,7 +30,7 @@ class Table:
     name: str  # the model's attribute (an nn.Embedding): embed, value_embed, bigram_embed, token_lambda
     rows: int
     width: int  # slices x model_dim (1 column per layer for the token lambdas)
-    lookup: str  # "token" (the token id) or "bigram_hash" (bigram_hash of the sequence)
+    lookup: str  # "token" (the token id), "bigram_hash" (bigram_hash of the sequence) or "position_hash" (its control)
     init: str  # "normal:<std>", "zeros" or "ones"
     group: str  # Adam group (optim.adam_groups)
     lr: str  # the Config field of that group's learning rate
@@ -57,7 +57,8 @@ def tables(cfg: Config) -> list[Table]:
     if cfg.token_lambdas:
         out.append(Table("token_lambda", V, cfg.num_layers, "token", "ones", "token_lambdas", "token_lambda_lr"))
     if cfg.bigram_embeds:
-        out.append(Table("bigram_embed", bigram_rows(cfg), D, "bigram_hash", "zeros", "bigram", "bigram_lr"))
+        out.append(Table("bigram_embed", bigram_rows(cfg), D, "position_hash" if cfg.bigram_control else "bigram_hash",
+                         "zeros", "bigram", "bigram_lr"))
     return out
 
 
@@ -145,6 +146,21 @@ def bigram_hash(idx: "Tensor", rows: int) -> "Tensor":
     first = torch.full_like(x[..., :1], rows - 1)
     prev = torch.cat([first, x[..., 1:-1]], dim=-1)
     return torch.cat([first, torch.bitwise_xor(a * x[..., 1:], b * prev) % (rows - 1)], dim=-1)
+
+
+def position_hash(idx: "Tensor", rows: int) -> "Tensor":
+    """The bigram table's control (Config.bigram_control): bigram_hash with the previous token replaced by a
+    stand-in that depends only on the position in the sequence, ((2654435761 x position) mod 2^31) mod 50,257. The
+    table keeps its rows, parameters, initialisation, optimiser and cost, and each row still belongs to a token,
+    but no bigram reaches it: what the table gives beyond its parameters is the bigram. (Sequences pack documents
+    at arbitrary offsets, so the position says next to nothing about the text.)"""
+    import torch
+    a, b = BIGRAM_MULTIPLIERS
+    x = idx.to(torch.int32)
+    pos = torch.arange(x.size(-1), device=x.device, dtype=torch.int64)
+    stand_in = ((pos * 2654435761) % 2**31 % 50257).to(torch.int32).expand_as(x)
+    first = torch.full_like(x[..., :1], rows - 1)
+    return torch.cat([first, torch.bitwise_xor(a * x[..., 1:], b * stand_in[..., :-1]) % (rows - 1)], dim=-1)
 
 
 def bigram_pair_rows(prev, cur, rows: int):

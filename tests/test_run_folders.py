@@ -294,6 +294,18 @@ def test_each_seed_shuffles_its_arms_by_the_seed_and_a_b_a_repeats_the_first():
         launch.sweep_runs(GRID, [0], order="random")
 
 
+def test_a_sweep_adds_the_control_arm_of_each_bigram_arm():
+    """control=true: beside each arm with a bigram table, the same run with bigram_control (the table without the
+    bigrams: the parameter-matched control), in the seed's shuffled order."""
+    runs = dict(launch.sweep_runs({"extra_embeds": [0, 1]}, [0, 1], {"bigram_embeds": 1}, control=True))
+    assert sorted(runs) == sorted(f"extra_embeds{e}{c}_s{s}" for e in (0, 1) for c in ("", "_control") for s in (0, 1))
+    assert runs["extra_embeds1_control_s1"] == {"bigram_embeds": 1, "extra_embeds": 1, "seed": 1, "bigram_control": 1}
+    runs = [n for n, _ in launch.sweep_runs({"bigram_embeds": [0, 1]}, [0], control=True, order="fixed")]
+    assert runs == ["bigram_embeds0_s0", "bigram_embeds1_s0", "bigram_embeds1_control_s0"]
+    with pytest.raises(ValueError, match="control=true adds the control of a bigram table"):
+        launch.sweep_runs({"extra_embeds": [0, 1]}, [0], control=True)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(resume="yes"), "resume='yes': expected true or false"),
     (dict(progress=1), "progress=1: expected true or false"),

@@ -66,6 +66,7 @@ ALTERNATIVES = {
     "ve_remove": ({}, (0,)), "ve_layers": ({}, (0, -1, -1, -1, -1, 0)), "token_lambdas": ({}, "x00"),
     "ve_init_std": ({}, 0.01), "ve_gates": ({}, "x"), "ve_gate_dim": ({"ve_gates": "x"}, 8),
     "bigram_embeds": ({}, 1), "bigram_vocab_mult": ({"bigram_embeds": 1}, 2),
+    "bigram_control": ({"bigram_embeds": 1}, 1),
 }
 
 
@@ -105,7 +106,8 @@ def test_dry_run_prints_the_bigram_variants_parameter_count():
 def test_bad_stream_settings_are_refused_naming_the_field():
     for kw, msg in ((dict(bigram_embeds=2), "bigram_embeds=2: allowed: 0"), (dict(ve_gates="y"), "ve_gates='y'"),
                     (dict(ve_gates="x_ve", ve_gate_dim=7), "ve_gate_dim=7"), (dict(bigram_vocab_mult=0), "must be >= 1"),
-                    (dict(ve_init_std=-1.0), "ve_init_std=-1.0")):
+                    (dict(ve_init_std=-1.0), "ve_init_std=-1.0"),
+                    (dict(bigram_control=1), "bigram_control=1: allowed: 0 (off) or 1 with bigram_embeds 1")):
         with pytest.raises(ValueError, match=re.escape(msg)):
             tiny(**kw).validate()
     assert config_module.CHOICES["ve_gates"] == ("off", "x", "x_ve")
@@ -127,3 +129,31 @@ def test_bigram_row_sharing_counts_pairs_that_share_their_hashed_row():
     counts = np.bincount(list(row_of.values()), minlength=rows)
     assert out["pairs"] == len(pairs) and out["rows_used"] == int((counts > 0).sum())
     assert out["shared_pairs"] == sum(1 for r in row_of.values() if counts[r] > 1)
+
+
+def test_the_bigram_control_is_the_same_table_without_the_bigrams():
+    """bigram_control (the parameter-matched control of a sweep's bigram arm): the same table, parameters, start and
+    lookup cost; each row is keyed by the token and its position, never by the previous token."""
+    import torch
+
+    from embxlib.streams import BIGRAM_MULTIPLIERS, bigram_hash, position_hash
+    rows = 1000
+    x = torch.randint(0, 50257, (2, 300), generator=torch.Generator().manual_seed(0))
+    r = position_hash(x, rows)
+    assert r.shape == x.shape and int(r.min()) >= 0 and int(r.max()) == rows - 1 and (r[:, 0] == rows - 1).all()
+    y = x.clone()
+    y[:, :-1] = torch.randint(0, 50257, (2, 299), generator=torch.Generator().manual_seed(1))  # every other token
+    assert torch.equal(position_hash(y, rows)[:, 1:][y[:, 1:] == x[:, 1:]], r[:, 1:][y[:, 1:] == x[:, 1:]])
+    assert not torch.equal(bigram_hash(y, rows), bigram_hash(x, rows))  # the bigram hash does see them
+    a, b = BIGRAM_MULTIPLIERS  # by hand: position 5's stand-in for the previous token is that of position 4
+    stand_in = (4 * 2654435761) % 2**31 % 50257
+    assert int(r[0, 5]) == ((a * int(x[0, 5])) ^ (b * stand_in)) % (rows - 1)
+    same = tiny(bigram_embeds=1, precision="fp32")
+    ctl = tiny(bigram_embeds=1, bigram_control=1, precision="fp32")
+    assert [t.rows for t in tables(ctl)] == [t.rows for t in tables(same)] and count_params(ctl) == count_params(same)
+    torch.manual_seed(0)
+    m1 = GPT(same)
+    torch.manual_seed(0)
+    m2 = GPT(ctl)
+    assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))  # paired seeds
+    assert ctl.name == "x00-ve2-bigramcontrol-fp32" and stream_kind("bigram") == "input"

@@ -39,6 +39,7 @@ def metrics(run_dir):
     ["--token-lambdas", "x00"],
     ["--extra-embeds", "2", "--token-lambdas", "x02", "--value-embeds", "3", "--ve-remove", "0", "--seed", "3"],
     ["--bigram-embeds", "1"],
+    ["--bigram-embeds", "1", "--bigram-control", "1"],
     ["--ve-gates", "x"],
     ["--extra-embeds", "1", "--bigram-embeds", "1", "--ve-gates", "x_ve", "--ve-gate-dim", "12", "--ve-init-std", "0.01"],
 ], ids=lambda f: " ".join(f))

@@ -530,7 +530,7 @@ def demo(runs_root: str = "runs/demo") -> Path:
         print("this CPU has no bf16 matrix instructions (avx512_bf16/amx_bf16): the demo trains in fp32 "
               "(precision=fp32, named -fp32), several times faster here than upstream's bf16 policy", flush=True)
         settings["precision"] = "fp32"
-    return run(settings, run_name=f"{datetime.now():%Y%m%d-%H%M%S}_tiny_x01", runs_root=runs_root)
+    return run(settings, runs_root=runs_root)  # the default folder name: <date>-<time>_<variant>_s<seed>
 
 
 def torch_cuda_available() -> bool:

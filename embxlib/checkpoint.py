@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, config_differences
-from .runfolder import MAX_NAME_BYTES, is_new_run_dir, read_json, write_atomically
+from .runfolder import MAX_NAME_BYTES, SLURM_RECORD, is_new_run_dir, read_json, write_atomically
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -83,9 +83,10 @@ def run_state(run_dir: Path) -> str:
 
 
 def reuse_problem(run_dir: Path, cfg: Config) -> str:
-    """'' when run_dir holds nothing or a run of exactly cfg; else what differs, from its config.json and its
-    checkpoint's config: a folder reused with another config would silently continue (or report) another run (also
-    a new one: the config.json a launcher wrote there for a run that never started)."""
+    """'' when run_dir holds nothing or a run of exactly cfg; else what differs, from its config.json, its
+    checkpoint's config and the config its SLURM job was submitted with (slurm.json: a job still queued has written
+    nothing else): a folder reused with another config would silently continue (or report) another run (also a new
+    one: the config.json a launcher wrote there for a run that never started)."""
     if not run_dir.exists():
         return ""
     wanted = cfg.to_dict()
@@ -94,6 +95,9 @@ def reuse_problem(run_dir: Path, cfg: Config) -> str:
     ck = peek_checkpoint(run_dir / CHECKPOINT) if not diff and (run_dir / CHECKPOINT).exists() else None
     if ck and ck.get("config"):
         diff = config_differences(ck["config"], wanted, f"in its {CHECKPOINT}")
+    job = read_json(run_dir / SLURM_RECORD) if not diff and (run_dir / SLURM_RECORD).exists() else None
+    if job and job.get("config"):
+        diff = config_differences(job["config"], wanted, f"in its {SLURM_RECORD} (its SLURM job's config)")
     if not diff:
         return ""
     return (f"{run_dir} holds a run with another config: {'; '.join(diff)}; a folder is reused only for the same "

@@ -540,16 +540,21 @@ def sweep(runs: list[tuple[str, dict]], cfgs: list, sweep_dir: Path, nproc_per_n
             echo(f"[{i + 1}/{n}] {name}: no checkpoint, moved to {aside.name}, starting again")
         todo.append((name, p))
     try:
-        return _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell, launch, show)
+        configs = {name: cfg.to_dict() for (name, _), cfg in zip(runs, cfgs)}
+        return _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell, launch, show,
+                                 configs)
     except KeyboardInterrupt:  # Ctrl-C, the notebook's stop button, a SIGTERM or SIGHUP of this process
         tell("interrupted: cancelling the sweep's jobs")
         cancel(sweep_dir, tell)
         raise
 
 
-def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell, launch, show) -> dict[str, str]:
-    """One array for the runs to do (one sbatch: all of them or none), their job ids into their folders, then the
-    watch over these and the jobs found still queued (watching: run name -> job id)."""
+def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s, tell, launch, show,
+                      configs: dict) -> dict[str, str]:
+    """One array for the runs to do (one sbatch: all of them or none), their job ids and configs (configs: run name
+    -> the validated Config's dict) into their folders, then the watch over these and the jobs found still queued
+    (watching: run name -> job id). The config in slurm.json is what a rerun compares before it watches a job still
+    queued, which has written nothing else (checkpoint.reuse_problem)."""
     folder = sweep_dir / JOBS_FOLDER
     if todo:
         # a name of this submission's own, in every run's record before sbatch: a sweep stopped between sbatch and
@@ -560,7 +565,7 @@ def _submit_and_watch(todo, watching, runs, sweep_dir, nproc_per_node, config, s
             (sweep_dir / name).mkdir(parents=True, exist_ok=True)
             previous = read_json(sweep_dir / name / SLURM_RECORD) or {}
             write_json_atomically(sweep_dir / name / SLURM_RECORD, dict(
-                pending=dict(job_name=job_name, task=k, array=len(todo) > 1),
+                pending=dict(job_name=job_name, task=k, array=len(todo) > 1), config=configs[name],
                 earlier_jobs=previous.get("earlier_jobs", []) + ([previous["job_id"]] if previous.get("job_id") else [])))
         jobs = [RunJob(name, p, str(sweep_dir), nproc_per_node, config and str(config), s["max_requeues"],
                        launch, show)

@@ -519,3 +519,18 @@ def test_the_step_line_format_and_its_parser_agree():
     assert parse_step_line(train_line)["train_loss"] == 7.3451 and parse_step_line(train_line)["val_loss"] is None
     assert parse_step_line("[rank0]: " + val) is None and parse_step_line("[rank0]: " + val, anywhere=True)["step"] == 0
     assert parse_step_line("# stopped at step 3 of 6 (--max-steps)") is None
+
+
+def test_a_queued_slurm_job_of_another_config_is_refused_naming_the_fields(tmp_path):
+    """Issue 33, H-b: a run folder whose SLURM job is still queued holds only slurm.json; a sweep with another config
+    into it watched that job and reported its result as its own. The config the job was submitted with is in
+    slurm.json, and the reuse check compares it as it compares config.json and the checkpoint's."""
+    sweep_dir = tmp_path / "sweep"
+    queued = launch.resolve({"num_iterations": 10, "seed": 0})
+    (sweep_dir / "base_s0").mkdir(parents=True)
+    (sweep_dir / "base_s0" / "slurm.json").write_text(json.dumps({"job_id": "25", "config": queued.to_dict()}))
+    assert launch.reuse_problem(sweep_dir / "base_s0", queued) == ""  # the same config: the rerun watches the job
+    other = {"num_iterations": 4, "embed_lr": 0.6}
+    with pytest.raises(ValueError, match=r"run 'base_s0': .* num_iterations 10 in its slurm\.json \(its SLURM job's "
+                                         r"config\), 4 requested; embed_lr 0\.3 in its slurm\.json"):
+        launch.check_sweep({}, [0], other, str(sweep_dir), backend="slurm", ask_cluster=False)

@@ -80,7 +80,20 @@ def check_settings(slurm: dict | None) -> dict:
     for k in s["sbatch"]:
         if not isinstance(k, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", k):
             raise ValueError(f"slurm.sbatch: option {k!r}: expected an sbatch long option name, e.g. qos or mail-user")
+    if s["time_min"] is not None:
+        check_signal_delay(s)
     return s
+
+
+def check_signal_delay(s: dict) -> None:
+    """The time limit's warning (SIGTERM signal_delay_s before the end) must leave the job most of its time to
+    train: at most half of time_min. (With time_min 1 and the default 90 s the warning came before the start, and
+    the job stopped and requeued itself forever without a step.)"""
+    if s["signal_delay_s"] > s["time_min"] * 30:
+        raise ValueError(f"slurm.signal_delay_s={s['signal_delay_s']}: the time limit's warning would leave "
+                         f"{max(0, s['time_min'] * 60 - s['signal_delay_s'])} s of a {s['time_min']}-min job to train; "
+                         f"at most half the job: give time_min >= {-(-s['signal_delay_s'] // 30)} or signal_delay_s "
+                         f"<= {s['time_min'] * 30}")
 
 
 def on_gpu(cfg) -> bool:
@@ -99,6 +112,7 @@ def resources(s: dict, cfgs: list, nproc_per_node: int) -> dict:
         out["cpus_per_task"] = nproc_per_node * (4 if gpu else 1)
     if out["time_min"] is None:
         out["time_min"] = max(TIME_MIN.get(c.preset, 90) for c in cfgs)
+    check_signal_delay(out)
     return out
 
 

@@ -534,3 +534,17 @@ def test_a_queued_slurm_job_of_another_config_is_refused_naming_the_fields(tmp_p
     with pytest.raises(ValueError, match=r"run 'base_s0': .* num_iterations 10 in its slurm\.json \(its SLURM job's "
                                          r"config\), 4 requested; embed_lr 0\.3 in its slurm\.json"):
         launch.check_sweep({}, [0], other, str(sweep_dir), backend="slurm", ask_cluster=False)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"time_min": 1}, "slurm.signal_delay_s=90: the time limit's warning would leave 0 s of a 1-min job to train; at "
+                      "most half the job: give time_min >= 3 or signal_delay_s <= 30"),
+    ({"time_min": 2, "signal_delay_s": 61}, "would leave 59 s of a 2-min job"),
+])
+def test_the_time_limits_warning_must_leave_time_to_train(settings, message):
+    """Issue 33, M-b: time_min 1 with the default signal_delay_s 90 was accepted, and the job requeued itself
+    forever without training a step."""
+    from embxlib import slurm
+    with pytest.raises(ValueError, match=re.escape(message)):
+        slurm.check_settings(settings)
+    assert slurm.check_settings({"time_min": 3})["signal_delay_s"] == 90

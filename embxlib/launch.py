@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -51,6 +52,7 @@ SWEEP_SETTINGS = dict(grid=None, seeds=[0], base={}, config=None, sweep_dir="run
 # the order of a seed's arms: shuffled by the seed (a drift of the machine within a seed does not favour the arm that
 # always runs first), or fixed (the grid's order, as sweeps ran before)
 ARM_ORDERS = ("shuffled", "fixed")
+MAX_RUNS = 2000  # a sweep of more runs is refused with its count before anything is built (a grid typo: 1e6 runs)
 BACKENDS = ("local", "slurm")  # local: one run after another here; slurm: each run a job (embxlib/slurm.py)
 
 
@@ -301,6 +303,12 @@ def sweep_runs(grid: dict, seeds, base: dict | None = None, order: str = "shuffl
     for k, values in grid.items():
         _check_list(f"grid[{k!r}]", values, f"[{values!r}]" if not isinstance(values, (list, tuple)) else "[0, 1]")
     _check_list("seeds", seeds, f"[{seeds!r}]" if not isinstance(seeds, (list, tuple)) else "[0, 1, 2]")
+    arms = math.prod(len(v) for v in grid.values())
+    count = arms * len(seeds)  # (before control arms and A/B/A repeats, which add at most as many again)
+    if count > MAX_RUNS:
+        raise ValueError(f"the sweep has {count:,} runs ({' x '.join(f'{len(v)} {k}' for k, v in grid.items())} x "
+                         f"{len(seeds)} seeds), over the limit of {MAX_RUNS:,}: check the grid (a sweep this size "
+                         f"is a SLURM array per part)")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seeds={seeds!r}: seed {seed!r} is not an integer")
@@ -397,7 +405,7 @@ class SweepFailed(LaunchError):
 
 def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/sweep", nproc_per_node: int = 1,
           echo=print, config=None, backend: str = "local", slurm: dict | None = None, order: str = "shuffled",
-          repeat_first: bool = False, control: bool = False) -> "pd.DataFrame":
+          repeat_first: bool = False, control: bool = False, checked: list | None = None) -> "pd.DataFrame":
     """Run every (variant, seed) through nbs/run_variant.ipynb with papermill, one after another, each into
     <sweep_dir>/<name>/, starting from the config file `config` if given. Finished runs are skipped, interrupted
     ones resumed from their checkpoints. A run that fails is recorded (status and error in summary.csv) and the
@@ -405,8 +413,9 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
     <sweep_dir>/summary.csv. One sweep at a time holds sweep_dir.
     backend="slurm": each run is a job of one SLURM array instead, with the settings `slurm` (embxlib/slurm.py);
     the same folders, skips, resumes and table. order, repeat_first: the order of each seed's arms (sweep_runs);
-    summary.csv's `position` column is each run's place in it; control: a control arm beside each bigram arm."""
-    runs = check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config, backend, slurm, ask_cluster=False,
+    summary.csv's `position` column is each run's place in it; control: a control arm beside each bigram arm.
+    checked: the runs check_sweep returned for these settings, if the caller checked them already (each check once)."""
+    runs = checked if checked is not None else check_sweep(grid, seeds, base, sweep_dir, nproc_per_node, config, backend, slurm, ask_cluster=False,
                        order=order, repeat_first=repeat_first, control=control)
     sweep_dir = at_root(sweep_dir)
 
@@ -583,12 +592,13 @@ def main(argv=None):
     else:
         try:
             spec = sweep_file_and_yaml(args.file, args.yaml, args.backend)
-            check_sweep(**spec)  # the error before the first run (or job), not a traceback
+            runs = check_sweep(**spec)  # the error before the first run (or job), not a traceback
         except (ValueError, yaml.YAMLError) as e:
             ap.exit(2, f"{ap.prog} sweep: error: {e}\n")
+        print(f"{len(runs)} run{'s' * (len(runs) != 1)} into {spec['sweep_dir']}", flush=True)
         with signals_interrupt():
             try:
-                print(sweep(**spec))
+                print(sweep(**spec, checked=runs))
             except SweepFailed as e:
                 print(e.table)
                 ap.exit(1, f"{ap.prog} sweep: error: {e}\n")

@@ -548,3 +548,13 @@ def test_the_time_limits_warning_must_leave_time_to_train(settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         slurm.check_settings(settings)
     assert slurm.check_settings({"time_min": 3})["signal_delay_s"] == 90
+
+
+def test_an_absurd_grid_is_refused_with_its_count_at_once():
+    """Issue 33, M-c: a 2 KB sweep file with 1e6 combinations was checked silently for ~100 min, twice."""
+    grid = {"embed_lr": [i / 1000 for i in range(1, 1001)], "muon_lr": [i / 1000 for i in range(1, 1001)]}
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=r"the sweep has 1,000,000 runs \(1000 embed_lr x 1000 muon_lr x 1 seeds\), "
+                                         r"over the limit of 2,000"):
+        launch.check_sweep(grid, [0])
+    assert time.perf_counter() - t < 5

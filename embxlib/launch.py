@@ -446,8 +446,7 @@ def sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="runs/swee
                 echo(f"[{i + 1}/{len(runs)}] {name}: no checkpoint, moved to {aside.name}, starting again")
             tell(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if state == 'resumable' else 'training'} "
                  f"({datetime.now():%H:%M:%S})")
-            out = run_dir / (f"notebook-resumed-{datetime.now():%Y%m%d-%H%M%S}.ipynb" if state == "resumable"
-                             else "notebook.ipynb")
+            out = executed_notebook(run_dir, resumed=state == "resumable")
             started = time.time()
             try:
                 run_notebook({**p, "config": config and str(at_root(config)), "run_name": name,
@@ -507,16 +506,26 @@ def run(params: dict, config=None, run_name: str = "", runs_root: str = "runs", 
     print(f"running nbs/run_variant.ipynb with papermill into {shown} ({cfg.preset} preset, variant {cfg.name}, "
           f"{cfg.num_iterations} steps)", flush=True)
     t = time.time()
+    notebook = executed_notebook(run_dir)
     run_notebook({**params, "config": config and str(at_root(config)), "run_name": run_name, "runs_root": runs_root,
-                  "nproc_per_node": nproc_per_node, "progress": False}, run_dir / "notebook.ipynb", stdout=sys.stdout)
+                  "nproc_per_node": nproc_per_node, "progress": False}, notebook, stdout=sys.stdout)
     s = json.loads((run_dir / "summary.json").read_text())
     print(f"done in {clock(time.time() - t)}: final val_loss {s['final_val_loss']:.4f}; run folder {shown}/ with "
-          f"config.json, log.txt, metrics.jsonl, summary.json, checkpoint.pt, console.log, loss.png, notebook.ipynb")
+          f"config.json, log.txt, metrics.jsonl, summary.json, checkpoint.pt, console.log, loss.png, {notebook.name}")
     other = trained_with(run_dir)
     if other and other != sys.executable:
         print(f"note: the notebook's kernel (python3) trained with {other}, not this Python ({sys.executable}): "
               f"its kernelspec points elsewhere (make kernel registers .venv's)", flush=True)
     return run_dir
+
+
+def executed_notebook(run_dir: Path, resumed: bool = False) -> Path:
+    """Where a launch writes its executed notebook: notebook.ipynb for the run's first, beside it with the time for
+    any later one (a resume, a launch again over a finished run): the training's own notebook is never replaced."""
+    first = run_dir / "notebook.ipynb"
+    if not resumed and not first.exists():
+        return first
+    return run_dir / f"notebook-{'resumed-' * resumed}{datetime.now():%Y%m%d-%H%M%S}.ipynb"
 
 
 def trained_with(run_dir: Path) -> str | None:

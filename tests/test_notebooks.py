@@ -208,7 +208,15 @@ def test_launch_run_starts_from_a_config_file_and_prints_progress_lines(corpus, 
     assert any(re.fullmatch(r"step 2/4  val_loss \d+\.\d{4}  elapsed \d+:\d\d, about \d+:\d\d left", s) for s in lines)
     assert any(re.fullmatch(r"step 4/4  val_loss \d+\.\d{4}  elapsed \d+:\d\d", s) for s in lines), r.stdout
     assert lines[-1].startswith("done in ") and f"run folder {tmp_path / 'runs' / 'r'}/" in lines[-1]
-    assert (tmp_path / "runs" / "r" / "notebook.ipynb").is_file()
+    first = tmp_path / "runs" / "r" / "notebook.ipynb"
+    before = first.read_bytes()
+    r = subprocess.run([PYTHON, "-m", "embxlib.launch", "run", "--config", str(config), "--extra-embeds", "1",
+                        "--runs-root", str(tmp_path / "runs"), "--run-name", "r"], capture_output=True, text=True,
+                       env=python_env(), cwd=ROOT, timeout=600)  # again over the finished run (issue 33, M-g)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert first.read_bytes() == before  # the training's executed notebook is kept; the second one lies beside it
+    again = [p.name for p in first.parent.glob("notebook-*.ipynb")]
+    assert len(again) == 1 and again[0] in r.stdout.splitlines()[-1], (again, r.stdout[-500:])
 
 
 def test_plain_progress_line():

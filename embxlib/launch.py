@@ -384,9 +384,14 @@ def check_sweep(grid: dict, seeds=(0,), base: dict | None = None, sweep_dir="run
     s = sl.check_settings(slurm)
     world = nproc_per_node * (s["nodes"] if backend == "slurm" else 1)
     runs = sweep_runs(grid, seeds, base, order, repeat_first, control)
-    cfgs = []
+    cfgs, seen = [], {}
     for name, p in runs:
         cfgs.append(resolve(p, world, config))
+        key = json.dumps(cfgs[-1].to_dict(), sort_keys=True)  # the coerced values: 10 and 10.0 are one run
+        if key in seen and not name.endswith("_again"):  # (A/B/A's repeat is the same run on purpose)
+            raise ValueError(f"runs {seen[key]!r} and {name!r} train the same config (values that differ only in how "
+                             f"they are written, e.g. 10 and 10.0): give each value once")
+        seen.setdefault(key, name)
         problem = reuse_problem(at_root(sweep_dir) / name, cfgs[-1])
         if problem:
             raise ValueError(f"run {name!r}: {problem}")

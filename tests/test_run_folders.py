@@ -558,3 +558,11 @@ def test_an_absurd_grid_is_refused_with_its_count_at_once():
                                          r"over the limit of 2,000"):
         launch.check_sweep(grid, [0])
     assert time.perf_counter() - t < 5
+
+
+def test_runs_that_differ_only_in_how_a_value_is_written_are_one_run():
+    """Issue 33, Low: duplicate runs (10 and 10.0) were compared by label, and trained twice."""
+    with pytest.raises(ValueError, match=r"runs 'num_iterations10_s0' and 'num_iterations10.0_s0' train the same "
+                                         r"config"):
+        launch.check_sweep({"num_iterations": [10, 10.0]}, [0], order="fixed")
+    assert len(launch.check_sweep({"extra_embeds": [0, 1]}, [0], repeat_first=True)) == 3  # A/B/A's repeat is fine

@@ -403,12 +403,12 @@ class RunLog:
 
 
 @contextlib.contextmanager
-def record(run_dir: Path, rank: int, stops, resume: bool, resumable: bool = True, **summary):
+def record(run_dir: Path, rank: int, stops, resume: bool, resumable=lambda: True, **summary):
     """The run's record while it trains, yielding its RunLog (log.summary: the summary, filled in by the trainer):
     the folder's lock (rank 0), fatal signals into log.txt, summary.json `running` from the start (a run killed from
     outside still says it never finished), and at the end, whatever happened, the summary written whole: `stopped`
-    with the signal (stops: the process's Stops; resumable: the run saves checkpoints, so the stop line names
-    --resume), `failed` with the error and a log line saying so, or what the trainer filled in."""
+    with the signal (stops: the process's Stops; resumable(): whether the run has a checkpoint to continue from, so
+    the stop line names --resume), `failed` with the error and a log line saying so, or what the trainer filled in."""
     lock = hold_run_dir(run_dir) if rank == 0 else None
     log = RunLog(run_dir, rank == 0)
     crash_to_log = log.fatal_errors_to_log()  # SIGBUS (a shard truncated under its memmap), SIGSEGV: in log.txt
@@ -424,7 +424,7 @@ def record(run_dir: Path, rank: int, stops, resume: bool, resumable: bool = True
         if stops.by_signal():
             log.summary.update(status="stopped", error=stops.reason)
             message = f"# STOPPED on rank {rank}: {stops.reason}" + (
-                f"; --resume {run_dir} continues from its last checkpoint" if resumable else "")
+                f"; --resume {run_dir} continues from its last checkpoint" if resumable() else "")
         else:
             error = stops.reason if isinstance(e, KeyboardInterrupt) and stops.reasons else f"{type(e).__name__}: {e}"
             log.summary.update(status="failed", error=error)

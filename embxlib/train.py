@@ -128,8 +128,8 @@ def train(cfg: Config, args, argv: list[str], stops: Stops) -> Path:
     run_dir = Path(args.resume) if resume else D.broadcast_object(
         new_run_dir(args.run_dir, args.runs_root, cfg.name, cfg.seed) if D.rank == 0 else None)
     try:
-        with runfolder.record(run_dir, D.rank, stops, resume, cfg.save_checkpoint, name=cfg.name, preset=cfg.preset,
-                              seed=cfg.seed) as log:
+        with runfolder.record(run_dir, D.rank, stops, resume, lambda: (run_dir / CHECKPOINT).exists(),
+                              name=cfg.name, preset=cfg.preset, seed=cfg.seed) as log:
             if resume:
                 log.line(f"# resumed from {CHECKPOINT} with world_size {D.world}")
             else:

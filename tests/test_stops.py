@@ -229,6 +229,17 @@ def test_a_resume_refuses_a_config_json_edited_since_the_checkpoint(corpus, tmp_
     assert snapshot(run) == before
 
 
+def test_a_run_stopped_before_its_first_checkpoint_does_not_offer_a_resume(corpus, tmp_path, monkeypatch):
+    """Issue 33, Low: the stop line said "--resume continues from its last checkpoint" when there was none."""
+    run = tmp_path / "run"
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as stop:
+        send_at(m, train, "apply_schedules", lambda step, *a: step == 1, signal.SIGTERM)
+        train.main(args(corpus, run, "--save-every", 0))  # the first checkpoint would be at the end
+    assert stop.value.code == 128 + signal.SIGTERM and not (run / "checkpoint.pt").exists()
+    log = (run / "log.txt").read_text()
+    assert "# STOPPED on rank 0: stopped by SIGTERM\n" in log and "--resume" not in log
+
+
 def test_no_checkpoint_advice_does_not_go_in_a_circle(corpus, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -37,7 +37,7 @@ from .checkpoint import reuse_problem, run_state
 from .config import Config, add_config_args, build_config, coerce_value, config_differences, unknown_names
 from .runfolder import (FAILURE_CAUSE, RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, clock,
                         default_run_name, end_torn_line, first_line, move_aside, parse_step_line, read_json,
-                        record_death, write_atomically, write_json_atomically, write_text_atomically)
+                        rank_death, record_death, write_atomically, write_json_atomically, write_text_atomically)
 from .stops import kill_tree, signals_interrupt
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
@@ -199,7 +199,7 @@ def _plain(step: int, total: int, elapsed: float, val_loss: float | str | None =
 
 def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
     from tqdm.auto import tqdm
-    tail: deque[str] = deque(maxlen=40)
+    tail: deque[str] = deque(maxlen=400)  # (torchrun's failure report is at the end: about 10 lines a process)
     start = last = time.time()
     first = None  # (time, step) of the first step line: the rate excludes start-up
     causes: list[str] = []  # error lines from anywhere in the output: torchrun's report can push them out of the tail
@@ -242,7 +242,10 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
         bar.close()
         kill_tree(proc)
     if rc != 0:
-        record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}")
+        died = rank_death("\n".join(tail))  # a rank's own death, also where the others were stopped by torchrun
+        if died:
+            causes.insert(0, f"{died} (torchrun's report; the other ranks were stopped by torchrun)")
+        record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}", rank_died=bool(died))
         raise LaunchError(f"training failed (exit code {rc}): {causes[0] if causes else 'no error line in its output'}"
                           f"; full output in {run_dir / 'console.log'}; errors found there:\n" + "\n".join(causes)
                           + "\n...\nlast lines:\n" + "\n".join(list(tail)[-20:]))

@@ -480,17 +480,21 @@ def provenance(run_dir: Path) -> str:
     return f"{commit} + uncommitted changes to {files} tracked file(s), saved in git.diff"
 
 
-def record_death(run_dir: Path, cause: str) -> None:
+def record_death(run_dir: Path, cause: str, rank_died: bool = False) -> None:
     """A trainer killed by a signal no code can handle (SIGKILL from the OOM killer, SIGBUS) leaves its summary at
-    running; the launcher, which holds the folder's lock, records what torchrun saw."""
+    running; the launcher, which holds the folder's lock, records what torchrun saw. rank_died: torchrun's report
+    names a rank that died by itself (rank_death), which is the cause whatever rank 0 recorded: `stopped` by the
+    SIGTERM torchrun sends the survivors, or `failed` with its lost connection to the dead peer (kept after it)."""
     s = read_json(run_dir / "summary.json")
     if not s:
         return
-    part = s if s.get("status") == "running" else s.get("resume") if (s.get("resume") or {}).get("status") == \
-        "running" else None
+    ended = ("running", "stopped", "failed") if rank_died else ("running",)
+    part = s if s.get("status") in ended else s.get("resume") if (s.get("resume") or {}).get("status") in \
+        ended else None
     if part is None:
         return
-    part.update(status="failed", error=f"{cause} (recorded by the launcher: the trainer could not)")
+    earlier = f"; rank 0 recorded: {part['error']}" if rank_died and part.get("error") else ""
+    part.update(status="failed", error=f"{cause} (recorded by the launcher: the trainer could not){earlier}")
     try:
         write_json_atomically(run_dir / "summary.json", s)
     except OSError as e:
@@ -502,6 +506,26 @@ def record_death(run_dir: Path, cause: str) -> None:
 # kernel's OOM killer)
 FAILURE_CAUSE = re.compile(r"\[rank \d+\] \w|# FAILED on rank|(?:[\w. -]+: )?error: |(?:\w+\.)*(?!ChildFailedError)"
                            r"\w*(?:Error|Exception)\b:? |(?:traceback : )?Signal \d+ \(SIG(?!TERM)\w+\) received")
+
+
+# one process of torchrun's failure report: its rank, then (a few lines on) its exit code and traceback line
+TORCHRUN_FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+).*?^\s*exitcode\s*:\s*(-?\d+).*?^\s*traceback\s*:\s*(.*?)$",
+                              re.M | re.S)
+STOP_SIGNALS = {"SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}  # how a run is stopped from outside: resumable, not failed
+
+
+def rank_death(report: str) -> str | None:
+    """The first rank in torchrun's failure report that died by itself, not stopped: killed by a signal other than
+    a stop signal (SIGKILL from the OOM killer, SIGSEGV), or exiting with an error code that is not a stop's
+    128 + n. E.g. 'rank 1 killed by SIGKILL'; None when every rank listed was stopped (or there is no report)."""
+    for m in TORCHRUN_FAILURE.finditer(report):
+        rank, code, trace = int(m[1]), int(m[2]), m[3]
+        sig = re.match(r"Signal (\d+) \((SIG\w+)\)", trace)
+        if sig and sig[2] not in STOP_SIGNALS:
+            return f"rank {rank} killed by {sig[2]}"
+        if not sig and code > 0 and code - 128 not in STOP_SIGNALS.values():
+            return f"rank {rank} exited with code {code}"
+    return None
 
 
 def first_line(e: BaseException) -> str:

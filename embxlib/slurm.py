@@ -419,6 +419,8 @@ def first_host(nodelist: str) -> str:
 def stopped_by_sigterm(run_dir: Path, e: BaseException) -> bool:
     summary = read_json(run_dir / "summary.json") or {}
     part = summary.get("resume") or summary
+    if part.get("status") == "failed":  # a rank died by itself (the launcher recorded it): not a stop to requeue
+        return False
     return "SIGTERM" in str(e) or (part.get("status") == "stopped" and "SIGTERM" in str(part.get("error")))
 
 

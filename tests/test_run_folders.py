@@ -566,3 +566,36 @@ def test_runs_that_differ_only_in_how_a_value_is_written_are_one_run():
                                          r"config"):
         launch.check_sweep({"num_iterations": [10, 10.0]}, [0], order="fixed")
     assert len(launch.check_sweep({"extra_embeds": [0, 1]}, [0], repeat_first=True)) == 3  # A/B/A's repeat is fine
+
+
+@pytest.mark.slow
+def test_a_rank_killed_by_sigkill_is_a_failure_naming_the_rank_not_a_stop(corpus, tmp_path, monkeypatch):
+    """Issue 33, M-a: a rank killed by SIGKILL (the OOM killer) was recorded as "stopped by SIGTERM" (torchrun
+    SIGTERMs the survivors), which a SLURM job then requeued. The launcher reads torchrun's report: failed, naming
+    the rank and the signal; slurm.stopped_by_sigterm (the requeue's test) says no."""
+    from embxlib import slurm
+    from faults import in_trainers
+    from test_notebooks import fast_params
+    for k, v in in_trainers(fail_at_step=2, fail_rank=1, signum=signal.SIGKILL).items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(launch.LaunchError, match="rank 1 killed by SIGKILL") as e:
+        launch.launch({**fast_params(corpus), "train_batch_tokens": 512}, run_name="r", runs_root=str(tmp_path),
+                      nproc_per_node=2, progress=False, echo=lambda s: None)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("rank 1 killed by SIGKILL"), summary
+    assert not slurm.stopped_by_sigterm(tmp_path / "r", e.value)
+
+
+def test_torchruns_report_names_the_rank_that_died():
+    """rank_death on torchrun's failure report (its format, from torch.distributed.elastic's ChildFailedError):
+    a stop signal or a stop's exit code is no death of its own."""
+    from embxlib.runfolder import rank_death
+    entry = ("[{i}]:\n  time      : 2026-12-08_01:58:00\n  host      : node\n  rank      : {r} (local_rank: {r})\n"
+             "  exitcode  : {c} (pid: 10{r})\n  error_file: <N/A>\n  traceback : {t}\n")
+    killed = entry.format(i=0, r=1, c=-9, t="Signal 9 (SIGKILL) received by PID 101")
+    stopped = entry.format(i=1, r=0, c=-15, t="Signal 15 (SIGTERM) received by PID 100")
+    stopped_by_handler = entry.format(i=1, r=0, c=143, t="To enable traceback see: https://pytorch.org/docs/")
+    crashed = entry.format(i=0, r=2, c=1, t="To enable traceback see: https://pytorch.org/docs/")
+    assert rank_death("Failures:\n" + stopped + "Root Cause:\n" + killed) == "rank 1 killed by SIGKILL"
+    assert rank_death(stopped_by_handler + crashed) == "rank 2 exited with code 1"
+    assert rank_death(stopped + stopped_by_handler) is None and rank_death("no report") is None

@@ -9,4 +9,5 @@ if os.environ.get("EMBXLIB_TEST_FAIL_AT_STEP") and "embxlib.train" in getattr(sy
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for faults
     from faults import fail_at  # noqa: E402
 
-    fail_at(int(os.environ["EMBXLIB_TEST_FAIL_AT_STEP"]), int(os.environ.get("EMBXLIB_TEST_FAIL_RANK", "0")))
+    fail_at(int(os.environ["EMBXLIB_TEST_FAIL_AT_STEP"]), int(os.environ.get("EMBXLIB_TEST_FAIL_RANK", "0")),
+            signum=int(os.environ.get("EMBXLIB_TEST_FAIL_SIGNAL", "0")))

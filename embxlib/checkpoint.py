@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, config_differences
+from .data import changed_shards, shard_files
 from .runfolder import MAX_NAME_BYTES, SLURM_RECORD, is_new_run_dir, read_json, write_atomically
 
 CHECKPOINT = "checkpoint.pt"
@@ -20,7 +21,7 @@ def peek_checkpoint(path: Path) -> dict | None:
     read: the real load reports why (corrupt, or holding code) and records it in the summary."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return dict(step=int(ck["step"]), config=ck.get("config"))
+        return dict(step=int(ck["step"]), config=ck.get("config"), shards=(ck.get("stream") or {}).get("shards"))
     except Exception:  # noqa: BLE001 (any failure: the load in training names it)
         return None
 
@@ -52,7 +53,7 @@ def save_checkpoint(run_dir, is_rank0, model, adam, muon, stream, step, train_ms
 
 def check_resume(run_dir: Path, cfg: Config, max_steps: int | None) -> None:
     """A resume continues only what it can continue as it was: never a finished run, never back to an earlier
-    step, never with a config.json edited since the checkpoint."""
+    step, never with a config.json edited since the checkpoint, never on training shards changed since it."""
     summary = read_json(run_dir / "summary.json") or {}
     if summary.get("status") == "finished":
         raise ValueError(f"--resume {run_dir}: the run is finished ({summary.get('steps', cfg.num_iterations)} of "
@@ -71,6 +72,16 @@ def check_resume(run_dir: Path, cfg: Config, max_steps: int | None) -> None:
             raise ValueError(f"--resume {run_dir}: config.json differs from the config its {CHECKPOINT} was "
                              f"trained with: {'; '.join(diff)}; a resume continues the checkpoint's run: restore "
                              f"config.json, or start a new run in another folder")
+    if ck["shards"]:  # (a checkpoint from before shards were recorded resumes as it did)
+        try:
+            files = shard_files(cfg.data_dir, "train")
+        except FileNotFoundError:
+            files = []
+        changed = changed_shards(ck["shards"], files)
+        if changed:
+            raise ValueError(f"--resume {run_dir}: the training data changed since its {CHECKPOINT} "
+                             f"({'; '.join(changed)}, in {cfg.data_dir}); a resume would continue the run on other "
+                             f"data: restore those shards, or start a new run in another folder")
 
 
 def run_state(run_dir: Path) -> str:

@@ -88,6 +88,44 @@ def check_shards(files: list[str], vocab_size: int) -> None:
                              f"allowed: 0..{vocab_size - 1} (was the shard made with another tokenizer?)")
 
 
+FINGERPRINT_WHOLE = 64 * 2**20  # a shard up to this size is hashed whole; a larger one (FineWeb's 200 MB) sampled
+FINGERPRINT_CHUNK = 2**16
+
+
+def shard_fingerprint(path: str | Path) -> dict:
+    """What identifies a shard's content for a resume (checkpoint.check_resume): its name, size and a SHA-256 of
+    the whole file, or of 16 chunks of 64 KiB spread over it (first and last included) for a file over 64 MiB: a
+    shard rewritten in place between a stop and a resume would otherwise continue the run on other data."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FINGERPRINT_WHOLE:
+            h.update(f.read())
+        else:
+            for k in range(16):
+                f.seek((size - FINGERPRINT_CHUNK) * k // 15)
+                h.update(f.read(FINGERPRINT_CHUNK))
+    return dict(name=path.name, bytes=size, sha256=h.hexdigest(), sampled=size > FINGERPRINT_WHOLE)
+
+
+def changed_shards(saved: list[dict], files: list[str]) -> list[str]:
+    """The shards of `saved` (shard_fingerprint of each, as a checkpoint recorded them) that are missing from files
+    or differ from them now, each as 'name: what changed'."""
+    now = {Path(f).name: f for f in files}
+    out = []
+    for s in saved:
+        if s["name"] not in now:
+            out.append(f"{s['name']}: missing")
+            continue
+        fp = shard_fingerprint(now[s["name"]])
+        if fp["bytes"] != s["bytes"]:
+            out.append(f"{s['name']}: {fp['bytes']:,} bytes, {s['bytes']:,} at the checkpoint")
+        elif fp["sha256"] != s["sha256"]:
+            out.append(f"{s['name']}: same size, other content")
+    return out
+
+
 def shard_files(data_dir: str | Path, split: str) -> list[str]:
     files = sorted(glob.glob(str(Path(data_dir) / f"*_{split}_*.bin")))
     if not files:
@@ -197,6 +235,7 @@ class TokenStream:
         self.files, self.seq_len, self.rank, self.world_size = files, seq_len, rank, world_size
         self.accum, self.repeat, self.order_seed = accum, repeat, order_seed
         self.batch = world_size * accum * seq_len
+        self.fingerprints = [shard_fingerprint(f) for f in files]  # what a resume checks it continues on
         self.slots = [(i, j * self.batch) for i, f in enumerate(files)
                       for j in range(max(0, (shard_tokens(f) - 2) // self.batch))]
         if not self.slots:
@@ -232,7 +271,7 @@ class TokenStream:
         return buf[:-1].to(torch.int32)[None], buf[1:].to(torch.int64)[None]
 
     def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, cursor=self.cursor, micro=self.micro)
+        return dict(epoch=self.epoch, cursor=self.cursor, micro=self.micro, shards=self.fingerprints)
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.cursor, self.micro, self._order = d["epoch"], d["cursor"], d["micro"], None

@@ -240,6 +240,25 @@ def test_a_run_stopped_before_its_first_checkpoint_does_not_offer_a_resume(corpu
     assert "# STOPPED on rank 0: stopped by SIGTERM\n" in log and "--resume" not in log
 
 
+def test_a_resume_on_a_changed_training_shard_is_refused_naming_it(corpus, tmp_path, capsys):
+    """Issue 33, M-h: a train shard rewritten (same size) between a stop and a resume: the resume finished on other
+    data and nothing recorded it. The checkpoint records each shard's size and hash; a resume compares them."""
+    import shutil
+
+    import numpy as np
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(corpus, data)
+    train.main(args(data, run, "--max-steps", 2))
+    shard = sorted(data.glob("*_train_*.bin"))[0]
+    raw = np.fromfile(shard, dtype=np.uint16)
+    raw[256:] = np.random.default_rng(0).permutation(raw[256:])  # the header kept, the tokens shuffled in place
+    raw.tofile(shard)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{shard.name}: same size, other content" in err and err.count("\n") == 1, err
+
+
 def test_no_checkpoint_advice_does_not_go_in_a_circle(corpus, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -222,6 +222,36 @@ UPSTREAM_PEAK_MIB = {"medium": 50380, "medium_x01": 53988, "medium_r12": 56505, 
                      "medium_r14": 56556, "medium_r15": 56812, "medium_r16": 56810}
 
 
+def capacity_of(device_type: str) -> tuple[int, str]:
+    """(bytes, name) of the memory a run trains in: this machine's on the cpu path; this GPU, else an H100's."""
+    if device_type == "cpu":
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return capacity, f"this machine's {capacity / GiB:.0f} GiB"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"this {props.name} ({props.total_memory / GiB:.0f} GiB)"
+    return 80 * 10**9, "an H100 (80 GB)"
+
+
+STATE_BYTES_PER_PARAM = 10  # at least: the weight (bf16) + its gradient (bf16) + Adam's two moments (fp32)
+
+
+def check_fits(cfg: Config, device_type: str) -> None:
+    """Before a run makes its folder: a model whose parameters alone, with their gradients and Adam's moments
+    (10 bytes each at the least), do not fit the memory it would train in is refused, naming its largest table
+    (a bigram_vocab_mult of 10^8 once allocated 24 PB and failed after making its folder). --dry-run models all."""
+    from .model import count_params
+    from .streams import tables
+    need = count_params(cfg) * STATE_BYTES_PER_PARAM
+    capacity, name = capacity_of(device_type)
+    if need > capacity:
+        t = max(tables(cfg), key=lambda t: t.rows * t.width)
+        raise ValueError(f"the model's {count_params(cfg):,} parameters need at least {need / GiB:,.0f} GiB (weights, "
+                         f"gradients, Adam's moments), over {name}; its largest table, {t.name}, has {t.rows:,} x "
+                         f"{t.width:,}" + (f" (bigram_vocab_mult={cfg.bigram_vocab_mult})" if t.name == "bigram_embed"
+                                          else "") + ": `--dry-run` models the memory of a config")
+
+
 def report(cfg: Config, world_size: int, capacity: int | None = None, device_type: str = "cuda") -> list[str]:
     """Lines for --dry-run: the estimates and whether they fit in `capacity` bytes (default: this machine's GPU,
     else an H100's 80 GB; on the cpu path this machine's memory)."""
@@ -231,14 +261,8 @@ def report(cfg: Config, world_size: int, capacity: int | None = None, device_typ
         est = {"train": compiled_train_estimate(cfg, world_size), "val": est["val"]}
     if capacity is not None:
         name = f"{capacity / GiB:.1f} GiB"
-    elif device_type == "cpu":
-        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        name = f"this machine's {capacity / GiB:.0f} GiB"
-    elif torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        capacity, name = props.total_memory, f"this {props.name} ({props.total_memory / GiB:.0f} GiB)"
     else:
-        capacity, name = 80 * 10**9, "an H100 (80 GB)"
+        capacity, name = capacity_of(device_type)
     how = ("training: the compiled step's saved tensors (inductor's partitioner) + state; validation: fake tensors"
            if compiled else "fake tensors, eager PyTorch")
     lines = [f"peak memory per process at world_size {world_size} ({how}, {device_type} path):"]

@@ -39,6 +39,7 @@ from .checkpoint import CHECKPOINT, check_new_run_dir, load_checkpoint, resume_c
 from .config import Config, add_config_args, config_from_args, cpu_bf16_matmul  # noqa: E402
 from .data import ShardError, TokenStream, check_enough_data, check_shards, shard_files  # noqa: E402
 from .dist import Dist, check_device, env, keep_freed_memory, resolve_device, set_compile_flags, share_threads  # noqa: E402
+from .memory import check_fits  # noqa: E402
 from .metrics import PeakTracker, StepLines, lambda_record  # noqa: E402
 from .model import GPT, count_params, window_blocks  # noqa: E402
 from .optim import apply_schedules, build_optimizers, build_snoo  # noqa: E402
@@ -345,6 +346,10 @@ def main(argv=None) -> None:
         return
     keep_freed_memory()
     share_threads()
+    try:  # before any folder is made: the parameters fit the memory they would train in
+        check_fits(cfg, resolve_device(cfg).type)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:  # before any folder is made: the shards exist, are sound (every one, read by rank 0) and hold enough tokens
         train_files, val_files = shard_files(cfg.data_dir, "train"), shard_files(cfg.data_dir, "val")
         if env().rank == 0:  # one reader is enough: the other ranks wait for its run folder

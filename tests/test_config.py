@@ -2,6 +2,7 @@
 import json
 import re
 import subprocess
+import sys
 from dataclasses import fields
 
 import pytest
@@ -278,3 +279,16 @@ def test_a_config_file_with_nan_is_refused(tmp_path):
     (tmp_path / "c.json").write_text('{"embed_lr": NaN}')
     with pytest.raises(ValueError, match=r"embed_lr=nan: must be a finite number"):
         build_config({}, tmp_path / "c.json").validate()
+
+
+def test_a_model_whose_parameters_cannot_fit_is_refused_before_its_folder(tmp_path):
+    """Issue 33, Low: no upper bound on bigram_vocab_mult: the run allocated 24 PB and failed after making its
+    folder. Its parameters alone (10 bytes each with gradients and Adam's moments) are checked against the memory
+    it would train in first."""
+    r = subprocess.run([sys.executable, "-m", "embxlib.train", "--bigram-embeds", "1", "--bigram-vocab-mult",
+                        "100000000", "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                       env=python_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "parameters need at least" in r.stderr and "bigram_embed, has 5,030,400,000,000 x 128 " \
+        "(bigram_vocab_mult=100000000)" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -511,7 +512,9 @@ FAILURE_CAUSE = re.compile(r"\[rank \d+\] \w|# FAILED on rank|(?:[\w. -]+: )?err
 # one process of torchrun's failure report: its rank, then (a few lines on) its exit code and traceback line
 TORCHRUN_FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+).*?^\s*exitcode\s*:\s*(-?\d+).*?^\s*traceback\s*:\s*(.*?)$",
                               re.M | re.S)
-STOP_SIGNALS = {"SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}  # how a run is stopped from outside: resumable, not failed
+# how a run is stopped from outside (resumable, not failed): Ctrl-C; kill, timeout, Slurm, docker stop, torchrun;
+# a closed terminal
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 def rank_death(report: str) -> str | None:
@@ -523,7 +526,7 @@ def rank_death(report: str) -> str | None:
         sig = re.match(r"Signal (\d+) \((SIG\w+)\)", trace)
         if sig and sig[2] not in STOP_SIGNALS:
             return f"rank {rank} killed by {sig[2]}"
-        if not sig and code > 0 and code - 128 not in STOP_SIGNALS.values():
+        if not sig and code > 0 and code - 128 not in [signal.Signals[s].value for s in STOP_SIGNALS]:
             return f"rank {rank} exited with code {code}"
     return None
 

@@ -11,9 +11,7 @@ import subprocess
 import threading
 import time
 
-from .runfolder import process_alive
-
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl-C; kill, timeout, Slurm, docker stop, torchrun; a closed terminal
+from .runfolder import STOP_SIGNALS, process_alive
 
 
 class StopSignal(KeyboardInterrupt):

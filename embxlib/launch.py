@@ -621,6 +621,11 @@ def main(argv=None):
                 ap.exit(1, f"{ap.prog} sweep: error: {e}\n")
             except (FolderLocked, OSError, ValueError) as e:  # ValueError: the cluster refused (slurm.SlurmError)
                 ap.exit(1, f"{ap.prog} sweep: error: {e}\n")
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (signals_interrupt): one line, no traceback
+                name = str(e) or "stopped by SIGINT"
+                sig = getattr(signal, name.rsplit(" ", 1)[-1], signal.SIGINT)
+                ap.exit(128 + sig, f"{ap.prog} sweep: {name}; running the sweep again skips its finished runs and "
+                                   f"resumes the stopped ones\n")
 
 
 def sweep_file_and_yaml(path, text, backend) -> dict:

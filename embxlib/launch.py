@@ -35,9 +35,10 @@ from pathlib import Path
 from . import ROOT, at_root
 from .checkpoint import reuse_problem, run_state
 from .config import Config, add_config_args, build_config, coerce_value, config_differences, unknown_names
-from .runfolder import (FAILURE_CAUSE, RUN_LOCK, SWEEP_LOCK, FolderLock, FolderLocked, check_folder_name, clock,
-                        default_run_name, end_torn_line, first_line, move_aside, parse_step_line, read_json,
-                        rank_death, record_death, write_atomically, write_json_atomically, write_text_atomically)
+from .runfolder import (FAILURE_CAUSE, RUN_LOCK, SLURM_RECORD, SWEEP_LOCK, FolderLock, FolderLocked,
+                        check_folder_name, clock, default_run_name, end_torn_line, first_line, move_aside,
+                        parse_step_line, rank_death, read_json, record_death, write_atomically, write_json_atomically,
+                        write_text_atomically)
 from .stops import kill_tree, signals_interrupt
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
@@ -491,6 +492,8 @@ def sweep_table(sweep_dir: Path, names: list[str], keys: list[str], errors: dict
         status = s.get("status", "missing")
         if name in errors and status in ("running", "missing", "finished"):
             status = "failed"  # the notebook failed (before the trainer, or after it, e.g. its figure)
+        if status != "finished" and (read_json(d / SLURM_RECORD) or {}).get("cancelled"):
+            status = "cancelled"  # its SLURM job was cancelled (launch cancel, an interrupted sweep): queued or not
         rows.append({"run": name, "position": position, **{k: _label(cfg.get(k, "")) if isinstance(cfg.get(k), (list, tuple))
                                      else cfg.get(k) for k in keys}, "variant": cfg.get("name"),
                      "status": status, "error": s.get("error") or errors.get(name),

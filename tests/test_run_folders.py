@@ -599,3 +599,15 @@ def test_torchruns_report_names_the_rank_that_died():
     assert rank_death("Failures:\n" + stopped + "Root Cause:\n" + killed) == "rank 1 killed by SIGKILL"
     assert rank_death(stopped_by_handler + crashed) == "rank 2 exited with code 1"
     assert rank_death(stopped + stopped_by_handler) is None and rank_death("no report") is None
+
+
+def test_a_cancelled_job_reads_cancelled_in_the_sweeps_table(tmp_path):
+    """Issue 33, Low: a cancelled array read failed or missing in summary.csv."""
+    for name, summary in (("queued_s0", None), ("running_s0", {"status": "stopped", "error": "stopped by SIGTERM"}),
+                          ("done_s0", {"status": "finished", "final_val_loss": 5.0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "slurm.json").write_text(json.dumps({"job_id": "7", "cancelled": "2026-12-08 02:00"}))
+        if summary:
+            (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    table = launch.sweep_table(tmp_path, ["queued_s0", "running_s0", "done_s0"], ["seed"])
+    assert table.status.tolist() == ["cancelled", "cancelled", "finished"]

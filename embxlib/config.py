@@ -18,7 +18,7 @@ import re
 import textwrap
 import tokenize
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .runfolder import check_folder_name

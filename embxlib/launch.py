@@ -22,24 +22,26 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
+import typing
 from collections import deque
 from datetime import datetime
 from pathlib import Path
 
 from . import ROOT, at_root
 from .checkpoint import reuse_problem, run_state
-from .config import Config, add_config_args, build_config, coerce_value, config_differences, unknown_names
+from .config import Config, add_config_args, build_config, coerce_value, unknown_names
 from .runfolder import (FAILURE_CAUSE, RUN_LOCK, SLURM_RECORD, SWEEP_LOCK, FolderLock, FolderLocked,
                         check_folder_name, clock, default_run_name, end_torn_line, first_line, move_aside,
                         parse_step_line, rank_death, read_json, record_death, write_atomically, write_json_atomically,
                         write_text_atomically)
 from .stops import kill_tree, signals_interrupt
+
+if typing.TYPE_CHECKING:  # (annotations only: pandas is imported where a table is made)
+    import pandas as pd
 
 NOTEBOOK = ROOT / "nbs" / "run_variant.ipynb"
 CONFIG_FIELDS = list(Config.__dataclass_fields__)

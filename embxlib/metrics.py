@@ -3,12 +3,16 @@ CUDA memory of training and of validation, and the per-layer lambdas logged with
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
 from .model import GPT
 from .runfolder import step_line
 from .streams import mixing_columns
+
+if typing.TYPE_CHECKING:  # (annotations only)
+    from .dist import Dist
 
 
 def lambda_record(model: GPT) -> dict:

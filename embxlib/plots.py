@@ -204,7 +204,7 @@ def plot_paired_differences(df: pd.DataFrame, selections, x: str = "step", xlim=
     pair covers the time). A band clear of zero is a difference the paired test would see at that point."""
     fig, ax = _figure(ax)
     selections = [s for s in selections if s.design == "paired"]
-    colors = _palette([f"{s.variant} - {s.baseline}" for s in selections])  # one colour per compared pair
+    colors = palette([f"{s.variant} - {s.baseline}" for s in selections])  # one colour per compared pair
     lo_x, hi_x = xlim if xlim is not None else (-np.inf, np.inf)
     visible, drawn = [], []
     for sel in selections:
@@ -231,7 +231,7 @@ def plot_paired_differences(df: pd.DataFrame, selections, x: str = "step", xlim=
     ax.axhline(0, color="0.3", linewidth=0.8)
     if xlim is not None:
         ax.set_xlim(*xlim)
-        _fit_y(ax, visible + [[0.0]])
+        fit_y(ax, visible + [[0.0]])
     ax.set_xlabel(AXIS_LABELS.get(x, x))
     ax.set_ylabel("validation loss difference (variant - baseline)")
     _title(ax, title or f"paired differences per seed vs {AXIS_LABELS.get(x, x)}")

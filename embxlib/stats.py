@@ -7,7 +7,6 @@ Every function takes the validation table (run, variant, step, train_time_s, val
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np

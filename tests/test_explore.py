@@ -6,9 +6,7 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import nbformat

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -190,8 +189,9 @@ def test_a_rerun_while_jobs_are_queued_submits_nothing_and_an_interrupt_cancels_
     watcher.send_signal(signal.SIGINT)
     out, err = watcher.communicate(timeout=60)
     assert watcher.returncode != 0
-    for n, j in zip(names, jobs):
-        assert f"{n}: job {j} is running, not submitted again" in out, out
+    for n, j in zip(names, jobs):  # (pending: the rerun asked before the cluster had started them)
+        assert f"{n}: job {j} is running, not submitted again" in out or \
+            f"{n}: job {j} is pending, not submitted again" in out, out
     assert "submitted" not in out.replace("not submitted again", "") and squeue_ids(cluster).count(jobs[0]) == 1
     assert f"cancelled 2 job(s) of {sweep_dir}: {' '.join(jobs)}" in out, out + err
     states = wait_for(lambda: (lambda s: s if all(x == "CANCELLED" for x in s) else None)(

@@ -148,7 +148,7 @@ def test_killed_run_resumes_to_the_same_loss(fast_args, tmp_path, monkeypatch):
     assert [r["step"] for r in metrics(crashed)] == [0, 2, 4, 6]  # each validation once
 
 
-def test_records_mechanisms_resume_bit_for_bit(fast_args, tmp_path):
+def test_records_mechanisms_resume_bit_for_bit(fast_args, tmp_path, monkeypatch):
     """Snoo (every 3 steps: at 0 and at 3, after the resume from step 2), Muon's update smoothing, the lr floor,
     backout and smear: a killed run resumed from its checkpoint ends with the uninterrupted run's weights and
     Snoo state, to the bit."""
@@ -157,8 +157,9 @@ def test_records_mechanisms_resume_bit_for_bit(fast_args, tmp_path):
              "--final-lr-frac", "0.01", "--backout-layer", "3", "--smear"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     train.main(fast_args(full, *flags))
-    with pytest.raises(RuntimeError, match="injected fault at step 3"):
-        train.main(fast_args(crashed, *flags, "--fail-at-step", "3"))
+    with pytest.raises(RuntimeError, match="injected fault at step 3"), monkeypatch.context() as m:
+        fail_at(3, monkeypatch=m)
+        train.main(fast_args(crashed, *flags))
     train.main(["--resume", str(crashed)])
     a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (full, crashed))
     assert a["step"] == b["step"] == 6 and a["snoo"]["calls"] == b["snoo"]["calls"] == 6

@@ -246,7 +246,7 @@ def _stream(cmd, env, run_dir: Path, cfg: Config, progress: bool, echo) -> None:
         kill_tree(proc)
     if rc != 0:
         died = rank_death("\n".join(tail))  # a rank's own death, also where the others were stopped by torchrun
-        if died:
+        if died and ("killed by" in died or not causes):  # (a rank that raised has said why: its own line leads)
             causes.insert(0, f"{died} (torchrun's report; the other ranks were stopped by torchrun)")
         record_death(run_dir, causes[0] if causes else f"torchrun exit code {rc}", rank_died=bool(died))
         raise LaunchError(f"training failed (exit code {rc}): {causes[0] if causes else 'no error line in its output'}"

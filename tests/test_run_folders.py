@@ -379,7 +379,7 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(corpus, tmp_path, capsys
     base = {**fast_params(corpus), **FP32}
     del base["data_dir"]
     spec = {"grid": {"data_dir": [str(missing), str(corpus)]}, "seeds": [0], "base": base,
-            "sweep_dir": str(sweep_dir)}
+            "sweep_dir": str(sweep_dir), "order": "fixed"}  # (the grid's order: the failing run first)
     with pytest.raises(SystemExit) as exit_:
         launch.main(["sweep", "-y", json.dumps(spec)])
     err = capsys.readouterr().err

@@ -147,18 +147,25 @@ def check_flex_attention(device: str) -> dict:
     return out
 
 
+def _eager_reference(cfg: Config, device: str):
+    """The reference of a compile check: a small model on the device, one batch, and its eager loss and gradients
+    (the model's own gradients cleared again for the compiled pass)."""
+    model = _small_model(cfg, device)
+    batch = _batch(cfg, device)
+    eager = model(*batch)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return model, batch, eager, grads
+
+
 def check_compiled_model(device: str) -> dict:
     """A tiny model with the GPU code path (FlexAttention on CUDA, bf16 policy), eager vs torch.compile (with the
     trainer's compile flags)."""
     from .dist import set_compile_flags
     cfg = plan(device)["compiled_model"]
     set_compile_flags(cfg)
-    model = _small_model(cfg, device)
-    x, y, window = _batch(cfg, device)
-    eager = model(x, y, window)
-    eager.backward()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
+    model, (x, y, window), eager, g_eager = _eager_reference(cfg, device)
     compiled = torch.compile(model, dynamic=False, backend=compile_backend(device))(x, y, window)
     compiled.backward()
     grad_err = max(_rel(p.grad, g) for p, g in zip(model.parameters(), g_eager) if g.abs().sum())
@@ -203,12 +210,7 @@ def check_compiled_autograd(device: str, backward_inside: bool = True) -> dict:
 
     from .dist import set_compile_flags
     cfg = plan(device)["compiled_autograd"]
-    model = _small_model(cfg, device)
-    x, y, window = _batch(cfg, device)
-    eager = model(x, y, window)
-    eager.backward()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
+    model, (x, y, window), eager, g_eager = _eager_reference(cfg, device)
     torch._dynamo.reset()
     counters.clear()
     set_compile_flags(cfg)  # compiled_autograd=True, before torch.compile reads it
